@@ -1,0 +1,191 @@
+"""Exact dynamic mode decomposition (Tu et al. 2014; Schmid 2010) in torch.
+
+Rows are snapshots. Given pairs X, Y [n, D] (g_t and g_{t+1}), the truncated SVD X = U S V^T
+gives the reduced operator  A~ = V^T Y^T U S^-1  [R, R], so that g_{t+1} ~ V A~ V^T g_t. Its
+eigenvalues are the DMD eigenvalues, and the exact DMD modes are Y^T U S^-1 Phi.
+
+Two routes lead to the same operator:
+- ``fit_pairs``: in-memory SVD of X (best conditioned; used to check against PyDMD);
+- ``fit_statistics``: from the Gram matrices X^T X and Y^T X only, since X^T X = V S^2 V^T and
+  Y^T U = Y^T X V S^-1. Memory is O(D^2) whatever n is, so statistics can be streamed
+  (``PairStatistics`` adds up over batches and processes). It squares the condition number,
+  which is why everything runs in float64 by default.
+
+Rank truncation: ``rank=None`` keeps every singular value above the numerical noise floor, an
+int keeps that many, a float in (0, 1) keeps that fraction of the energy (sum of S^2), and 0
+uses the optimal hard threshold of Gavish and Donoho 2014. ``tikhonov`` replaces S^-1 by
+S / (S^2 + lambda) with lambda = tikhonov * S_max^2 (scale free).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from koopnet._checks import as_tensor, check_float, check_int, check_is_fitted
+from koopnet.observables import snapshot_pairs
+
+__all__ = ["DMD", "PairStatistics", "resolve_rank"]
+
+
+@dataclass
+class PairStatistics:
+    """Sufficient statistics of snapshot pairs: sums of x x^T, y x^T and y y^T (float64).
+
+    Shape: xx, yx, yy [D, D]. Statistics of disjoint batches add up with ``+``.
+    """
+
+    xx: torch.Tensor
+    yx: torch.Tensor
+    yy: torch.Tensor
+    n_pairs: int
+    _spectrum: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_pairs(cls, X: torch.Tensor, Y: torch.Tensor,
+                   dtype: torch.dtype = torch.float64) -> PairStatistics:
+        X, Y = X.to(dtype), Y.to(dtype)
+        return cls(X.T @ X, Y.T @ X, Y.T @ Y, X.shape[0])
+
+    def __add__(self, other: PairStatistics) -> PairStatistics:
+        return PairStatistics(self.xx + other.xx, self.yx + other.yx, self.yy + other.yy,
+                              self.n_pairs + other.n_pairs)
+
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Singular values of X (descending) and right singular vectors [D, D], cached."""
+        if self._spectrum is None:
+            evals, evecs = torch.linalg.eigh(self.xx)
+            self._spectrum = (evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1))
+        return self._spectrum
+
+
+def resolve_rank(rank, singular_values: torch.Tensor, shape: tuple[int, int],
+                 noise_floor: float) -> int:
+    """Turn the ``rank`` parameter into a number of kept singular values (see module docs)."""
+    n_rows, n_cols = shape
+    s = singular_values
+    usable = int((s > noise_floor * s[0]).sum()) if s[0] > 0 else 0
+    if usable == 0:
+        raise ValueError("the snapshot matrix is zero (all singular values vanish); "
+                         "check that the states are not all dead or constant.")
+    if rank is None:
+        return usable
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+        raise TypeError(f"rank={rank!r} must be None, an int or a float.")
+    if isinstance(rank, numbers.Integral) and rank >= 1:
+        limit = min(n_rows, n_cols)
+        if rank > limit:
+            raise ValueError(f"rank={rank} exceeds what the data supports: "
+                             f"min(D={n_cols}, pairs={n_rows})={limit}.")
+        return min(int(rank), usable)
+    if isinstance(rank, numbers.Integral) and rank == 0:
+        beta = min(n_rows, n_cols) / max(n_rows, n_cols)
+        omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+        threshold = omega * s[: min(n_rows, n_cols)].median()
+        return max(1, min(usable, int((s > threshold).sum())))
+    if isinstance(rank, float) and 0.0 < rank < 1.0:
+        energy = (s**2).cumsum(0) / (s**2).sum()
+        return min(usable, int((energy < rank).sum()) + 1)
+    raise ValueError(f"rank={rank!r} is ambiguous: pass an int >= 1, a float in (0, 1), 0 for "
+                     "the optimal threshold, or None for full rank.")
+
+
+class DMD:
+    """Exact DMD with rank truncation and Tikhonov damping.
+
+    Parameters
+    ----------
+    rank : None, int or float
+        None = full numerical rank; int >= 1 = that many modes; float in (0, 1) = energy
+        fraction; 0 = Gavish-Donoho optimal hard threshold.
+    tikhonov : float
+        Relative Tikhonov parameter (lambda = tikhonov * S_max^2); damps small singular values
+        that make multi-step roll-outs blow up.
+    dtype : torch.dtype
+        Precision of the fit; float64 because the Gram route squares the condition number.
+
+    Attributes (after fit): ``basis_`` [D, R], ``operator_`` [R, R], ``singular_values_`` [R],
+    ``eigenvalues_`` [R] complex, ``modes_`` [D, R] complex, ``rank_``, ``n_features_in_``,
+    ``n_pairs_``.
+
+    >>> X = torch.randn(50, 3, dtype=torch.float64)
+    >>> dmd = DMD().fit_pairs(X, X @ torch.diag(torch.tensor([0.5, 0.9, -0.3])).double())
+    >>> sorted(dmd.eigenvalues_.real.round(decimals=6).tolist())
+    [-0.3, 0.5, 0.9]
+    """
+
+    def __init__(self, rank=None, *, tikhonov: float = 0.0,
+                 dtype: torch.dtype = torch.float64) -> None:
+        self.rank = rank
+        self.tikhonov = tikhonov
+        self.dtype = dtype
+
+    def fit(self, lifted: torch.Tensor) -> DMD:
+        """Fit on pairs taken within each trajectory. Shape: lifted [B, T', D]."""
+        lifted = as_tensor(lifted, "lifted", ndim=3)
+        return self.fit_pairs(*snapshot_pairs(lifted))
+
+    def fit_pairs(self, X: torch.Tensor, Y: torch.Tensor) -> DMD:
+        """Fit from explicit pairs by SVD of X. Shape: X, Y [n, D]."""
+        X = as_tensor(X, "X", ndim=2, dtype=self.dtype)
+        Y = as_tensor(Y, "Y", ndim=2, dtype=self.dtype)
+        if X.shape != Y.shape:
+            raise ValueError(f"X and Y must have the same shape; got {tuple(X.shape)} and "
+                             f"{tuple(Y.shape)}.")
+        U, s, Vh = torch.linalg.svd(X, full_matrices=False)
+        eps = torch.finfo(self.dtype).eps
+        r = self._rank(s, X.shape, noise_floor=max(X.shape) * eps)
+        self._finish(Vh[:r].T, s[:r], Y.T @ U[:, :r], s[0], X.shape)
+        return self
+
+    def fit_statistics(self, stats: PairStatistics) -> DMD:
+        """Fit from Gram statistics (streamed or all-reduced). Equal to ``fit_pairs`` in theory."""
+        if stats.n_pairs < 1:
+            raise ValueError("stats holds no snapshot pairs; feed at least one batch first.")
+        s, V = stats.spectrum()
+        shape = (stats.n_pairs, stats.xx.shape[0])
+        # S^2 is exact to eps * S_max^2, so S is resolvable only down to sqrt(D * eps) * S_max.
+        floor = (shape[1] * torch.finfo(stats.xx.dtype).eps) ** 0.5
+        r = self._rank(s, shape, noise_floor=floor)
+        V = V[:, :r].to(self.dtype)
+        self._finish(V, s[:r].to(self.dtype), stats.yx.to(self.dtype) @ V / s[:r], s[0], shape)
+        return self
+
+    def _rank(self, s: torch.Tensor, shape: tuple[int, int], noise_floor: float) -> int:
+        self.tikhonov_ = check_float(self.tikhonov, "tikhonov", low=0.0)
+        return resolve_rank(self.rank, s, shape, noise_floor)
+
+    def _finish(self, V, s, YtU, s_max, shape) -> None:
+        """Shared tail of both routes. Shape: V [D, R], s [R], YtU [D, R] = Y^T U."""
+        inv = s / (s**2 + self.tikhonov_ * s_max**2)  # damped S^-1, [R]
+        projected = YtU * inv  # Y^T U S^-1, [D, R]
+        self.basis_, self.singular_values_ = V, s
+        self.operator_ = V.T @ projected  # [R, R]
+        self.eigenvalues_, eigenvectors = torch.linalg.eig(self.operator_)
+        self.modes_ = projected.to(eigenvectors.dtype) @ eigenvectors  # exact modes, [D, R]
+        self.rank_, (self.n_pairs_, self.n_features_in_) = len(s), shape
+
+    def transition(self, n_steps: int) -> torch.Tensor:
+        """The linear map of ``n_steps`` steps in lifted coordinates, V A~^m V^T. Shape: [D, D]."""
+        check_is_fitted(self, "operator_")
+        n_steps = check_int(n_steps, "n_steps", low=0)
+        if n_steps == 0:
+            return torch.eye(self.n_features_in_, dtype=self.dtype)
+        power = torch.linalg.matrix_power(self.operator_, n_steps)  # [R, R]
+        return self.basis_ @ power @ self.basis_.T
+
+    def predict(self, lifted: torch.Tensor, n_steps: int = 1) -> torch.Tensor:
+        """Advance lifted states ``n_steps`` steps. Shape: [n, D] -> [n, D] (real)."""
+        check_is_fitted(self, "operator_")
+        lifted = as_tensor(lifted, "lifted", ndim=2, dtype=self.dtype)
+        if lifted.shape[1] != self.n_features_in_:
+            raise ValueError(f"lifted has {lifted.shape[1]} features; this DMD was fitted on "
+                             f"{self.n_features_in_}.")
+        z = lifted @ self.basis_  # [n, R]
+        z = z @ torch.linalg.matrix_power(self.operator_, n_steps).T  # [n, R]
+        return z @ self.basis_.T  # [n, D]
+
+    def __repr__(self) -> str:
+        return f"DMD(rank={self.rank!r}, tikhonov={self.tikhonov!r})"

@@ -1,0 +1,86 @@
+"""The Koopman hybrid: a network whose tail of the trajectory is one linear operator.
+
+It runs the scaled network up to state s_h (the head and the first h inserted blocks), lifts the
+states s_0..s_h into delay coordinates, advances them m = T-1-h steps with the fitted operator,
+reads the last state back out as neurons, drops the padding and runs the rest of the original
+network. Because every step is linear, the m steps collapse into one matrix
+``linear_map = R V A~^m V^T`` [w', D] (R the read-out), so inference is a single GEMM.
+As in the paper, the read-out is the real, un-activated predicted state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from koopnet._checks import check_int
+from koopnet.dmd import DMD
+from koopnet.observables import TimeDelay
+from koopnet.scaling import ScaledMLP
+from koopnet.trajectories import PAD_VALUE
+
+
+class KoopmanHybrid(nn.Module):
+    """Scaled network with steps h+1..T-1 of its trajectory replaced by a fitted linear operator.
+
+    Shape: x [B, features] -> logits [B, classes]. Buffers: ``basis`` [D, R], ``operator``
+    [R, R], ``readout`` [w', D] and ``linear_map`` [w', D] (all float64).
+    """
+
+    def __init__(self, scaled: ScaledMLP, observable: TimeDelay, dmd: DMD, *,
+                 pad_value: float = PAD_VALUE) -> None:
+        super().__init__()
+        h = check_int(observable.n_delays, "n_delays", low=0)
+        if h > scaled.n_states - 2:
+            raise ValueError(f"n_delays={h} leaves no step to predict: the trajectory has "
+                             f"T={scaled.n_states} states, so n_delays must be <= "
+                             f"{scaled.n_states - 2}.")
+        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[: 2 * h], scaled.tail
+        self.width, self.out_width = scaled.width, scaled.out_width
+        self.observable, self.pad_value = observable, pad_value
+        self.layer, self.n_delays = scaled.layer, h
+        self.linear_steps = scaled.n_states - 1 - h
+        readout = observable.readout(self.out_width).to(dmd.dtype)
+        self.register_buffer("basis", dmd.basis_)
+        self.register_buffer("operator", dmd.operator_)
+        self.register_buffer("readout", readout)
+        self.register_buffer("linear_map", readout @ dmd.transition(self.linear_steps))
+
+    @property
+    def nonlinear_blocks(self) -> int:
+        """Inserted nonlinear blocks still run (the first h of the N)."""
+        return self.n_delays
+
+    @property
+    def n_replacement_parameters(self) -> int:
+        """Entries of the linear replacement as applied: the [w', D] map."""
+        return self.linear_map.numel()
+
+    def prefix_states(self, x: torch.Tensor) -> torch.Tensor:
+        """States s_0..s_h of the scaled network. Shape: [B, features] -> [B, h+1, W_padded]."""
+        state = self.head(x)
+        states = [state]
+        for i in range(0, len(self.prefix), 2):
+            state = self.prefix[i + 1](self.prefix[i](state))
+            states.append(state)
+        states = torch.stack(states, dim=1)  # [B, h+1, W]
+        pad = self.observable.n_features_in_ - states.shape[2]
+        return nn.functional.pad(states, (0, pad), value=self.pad_value) if pad else states
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_states(self.prefix_states(x))
+
+    def forward_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits from already computed states s_0..s_k (k >= h), e.g. a collected trajectory.
+
+        Lets a sweep over h, rank and regularisation reuse one forward pass of the network.
+        Shape: states [B, k+1, W] -> logits [B, classes].
+        """
+        states = states[:, : self.n_delays + 1]  # [B, h+1, W]
+        lifted = self.observable.transform(states)[:, -1]  # [B, D]
+        predicted = lifted.to(self.linear_map.dtype) @ self.linear_map.T  # [B, w']
+        return self.tail(predicted.to(states.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, n_delays={self.n_delays}, linear_steps={self.linear_steps}, "
+                f"rank={self.operator.shape[0]}")

@@ -1,0 +1,155 @@
+"""Multilayer perceptrons as ``nn.Sequential`` and a small, seeded classifier trainer.
+
+The layout ``[Linear, act, Linear, act, ..., Linear]`` is the paper's: hidden layer k is the
+Linear at Sequential index 2(k-1) followed by its activation at index s = 2k-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from koopnet._checks import check_int
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "identity": nn.Identity,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]()
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """Inverse of :func:`make_activation`; None when ``module`` is not a known activation."""
+    for name, cls in ACTIVATIONS.items():
+        if type(module) is cls:
+            return name
+    return None
+
+
+def init_he(module: nn.Module) -> None:
+    """He-normal weights (ReLU gain) and bias 0.01, the paper's initialisation."""
+    if isinstance(module, nn.Linear):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0.01)
+
+
+def build_mlp(widths: Sequence[int], activation: str = "relu") -> nn.Sequential:
+    """``widths = [in, h1, ..., out]`` -> Linear+activation blocks and a final Linear (logits).
+
+    >>> build_mlp([2, 8, 2])
+    Sequential(
+      (0): Linear(in_features=2, out_features=8, bias=True)
+      (1): ReLU()
+      (2): Linear(in_features=8, out_features=2, bias=True)
+    )
+    """
+    widths = [check_int(w, "width", low=1) for w in widths]
+    if len(widths) < 2:
+        raise ValueError(f"widths={widths} needs at least an input and an output width.")
+    layers: list[nn.Module] = []
+    for n_in, n_out in itertools.pairwise(widths[:-1]):
+        layers += [nn.Linear(n_in, n_out), make_activation(activation)]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    model = nn.Sequential(*layers)
+    model.apply(init_he)
+    return model
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser recipe. Defaults are the paper's Yin-Yang base recipe (paper-method section 3)."""
+
+    epochs: int = 5000
+    batch_size: int = 1000
+    lr: float = 5e-3
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    plateau_patience: int | None = None  # ReduceLROnPlateau on the epoch-mean loss, factor 0.5
+    plateau_threshold: float = 1e-4
+
+
+YINYANG_RECIPE = TrainConfig()
+MNIST_RECIPE = TrainConfig(epochs=30, batch_size=4096, lr=1e-2, weight_decay=0.1,
+                           plateau_patience=1)
+
+
+def fit_minibatch(
+    module: nn.Module,
+    loss_fn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = False,
+    desc: str = "train",
+) -> list[float]:
+    """Minimise ``loss_fn(module(inputs), targets)`` with AdamW over shuffled mini-batches.
+
+    Only parameters with ``requires_grad`` are optimised, so frozen layers stay bit-identical.
+    Returns the epoch-mean losses.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                  weight_decay=config.weight_decay)
+    scheduler = None
+    if config.plateau_patience is not None:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=0.5, patience=config.plateau_patience,
+            threshold=config.plateau_threshold)
+    n = len(inputs)
+    history = []
+    module.train()
+    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for start in range(0, n, config.batch_size):
+            idx = order[start:start + config.batch_size]
+            loss = loss_fn(module(inputs[idx]), targets[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        history.append(total / n)
+        if scheduler is not None:
+            scheduler.step(history[-1])
+        bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+    module.eval()
+    return history
+
+
+def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
+                     config: TrainConfig = YINYANG_RECIPE, *, seed: int = 0,
+                     progress: bool = False) -> list[float]:
+    """Cross-entropy training of ``model`` in place. Shape: X [n, features], y [n] int64."""
+    return fit_minibatch(model, nn.functional.cross_entropy, X, y, config, seed=seed,
+                         progress=progress, desc="base model")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Logits in eval mode, batched so large sets fit in memory. Shape: [n, classes]."""
+    model.eval()
+    return torch.cat([model(X[i:i + batch_size]) for i in range(0, len(X), batch_size)])
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of correctly classified samples, in [0, 1]."""
+    return float((predict_logits(model, X).argmax(dim=1) == y).float().mean())

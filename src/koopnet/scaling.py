@@ -1,0 +1,207 @@
+"""Layer scaling: insert N width-preserving blocks before a layer so depth becomes a trajectory.
+
+Aswani et al. 2024 (section "layer scaling"): after hidden layer k (its activation sits at
+Sequential index s = 2k-1) insert N blocks ``Linear(w, w) + activation``, freeze every original
+parameter and train only the inserts so that the replaced layer (hidden layer k+1) still
+produces the same output. The states s_0 (input of the stack), s_1..s_N (insert outputs) and
+s_{N+1} (replaced layer output) form a trajectory of T = N + 2 states per sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from koopnet._checks import as_tensor, check_int
+from koopnet.models import TrainConfig, activation_name, fit_minibatch, make_activation
+
+log = logging.getLogger(__name__)
+
+YINYANG_SCALING = TrainConfig(epochs=3000, batch_size=512, lr=2e-3, betas=(0.8, 0.8),
+                              weight_decay=1e-4, plateau_patience=300, plateau_threshold=1e-4)
+MNIST_SCALING = TrainConfig(epochs=100, batch_size=4096, lr=3e-3, betas=(0.9, 0.99),
+                            weight_decay=1e-2, plateau_patience=2, plateau_threshold=1e-3)
+
+
+def split_mlp(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+    """Cut an MLP into (head, replaced, tail) around hidden layer ``layer`` (1-based, as the paper).
+
+    head = everything up to hidden layer k's activation, replaced = the next Linear and its
+    activation (hidden layer k+1), tail = the rest. A trailing Softmax is dropped (it does not
+    change the argmax and the method works on logits).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential MLP; got {type(model).__name__}.")
+    modules = list(model)
+    if modules and isinstance(modules[-1], (nn.Softmax, nn.LogSoftmax)):
+        modules = modules[:-1]
+    for i, module in enumerate(modules):
+        expected = nn.Linear if i % 2 == 0 else None
+        if expected is not None and not isinstance(module, nn.Linear):
+            raise ValueError(f"model[{i}] is {type(module).__name__}; koopnet expects the layout "
+                             "[Linear, activation, Linear, activation, ..., Linear].")
+        if i % 2 == 1 and activation_name(module) is None:
+            raise ValueError(f"model[{i}] is {type(module).__name__}, not a supported activation "
+                             "(relu, tanh, gelu, elu, leaky_relu, identity).")
+    n_hidden = len(modules) // 2
+    if n_hidden < 2:
+        raise ValueError(f"model has {n_hidden} hidden layer(s); scaling needs at least 2 "
+                         "(one to start the trajectory, one to replace).")
+    layer = check_int(layer, "layer")
+    if not 1 <= layer <= n_hidden - 1:
+        raise ValueError(f"layer={layer} is out of range: this model has {n_hidden} hidden layers, "
+                         f"so the trajectory can start at layer 1..{n_hidden - 1}.")
+    s = 2 * layer - 1
+    return (nn.Sequential(*modules[: s + 1]), nn.Sequential(*modules[s + 1: s + 3]),
+            nn.Sequential(*modules[s + 3:]))
+
+
+class ScaledMLP(nn.Module):
+    """head -> N inserted blocks -> replaced layer -> tail; only the inserts are trainable.
+
+    Shape: x [B, features] -> logits [B, classes]. ``stages`` lists the modules whose outputs are
+    the trajectory states s_0..s_{N+1}.
+    """
+
+    def __init__(self, head: nn.Sequential, inserts: nn.Sequential, replaced: nn.Sequential,
+                 tail: nn.Sequential, layer: int) -> None:
+        super().__init__()
+        self.head, self.inserts, self.replaced, self.tail = head, inserts, replaced, tail
+        self.layer = layer
+
+    @property
+    def width(self) -> int:
+        return self.replaced[0].in_features
+
+    @property
+    def out_width(self) -> int:
+        return self.replaced[0].out_features
+
+    @property
+    def n_inserted(self) -> int:
+        return len(self.inserts)
+
+    @property
+    def n_states(self) -> int:
+        return self.n_inserted + 2
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.head, *self.inserts, self.replaced]
+
+    def original(self) -> nn.Sequential:
+        """The unscaled network (shares the frozen modules)."""
+        return nn.Sequential(*self.head, *self.replaced, *self.tail)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.replaced(self.inserts(self.head(x))))
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, n_inserted={self.n_inserted}, width={self.width}"
+
+
+def make_inserts(width: int, n_inserted: int, activation: str, init: str,
+                 generator: torch.Generator) -> nn.Sequential:
+    """N blocks Linear(w, w) + activation.
+
+    ``init="he"`` is the paper's (He-normal, bias 0.01); narrow ReLU layers often die with it.
+    ``init="identity"`` starts at W = I + 0.01 noise, bias 0: with ReLU on non-negative inputs
+    each block starts as the identity, so every unit stays alive and training starts at the
+    original function.
+    """
+    if init not in ("he", "identity"):
+        raise ValueError(f"init={init!r} must be 'he' (paper) or 'identity' (near-identity).")
+    blocks = []
+    for _ in range(n_inserted):
+        linear = nn.Linear(width, width)
+        with torch.no_grad():
+            if init == "he":
+                std = (2.0 / width) ** 0.5
+                linear.weight.copy_(torch.randn(width, width, generator=generator) * std)
+                linear.bias.fill_(0.01)
+            else:
+                noise = torch.randn(width, width, generator=generator) * 0.01
+                linear.weight.copy_(torch.eye(width) + noise)
+                linear.bias.zero_()
+        blocks += [linear, make_activation(activation)]
+    return nn.Sequential(*blocks)
+
+
+@dataclass
+class ScalingReport:
+    """How scaling went: ``agreement`` is the fraction of inputs where scaled and original agree."""
+
+    agreement: float
+    attempts: list[dict] = field(default_factory=list)
+    ok: bool = True
+    init: str = "identity"
+    history: list[float] = field(default_factory=list)
+
+
+def scale_layer(
+    model: nn.Sequential,
+    layer: int,
+    X: torch.Tensor,
+    *,
+    n_inserted: int = 10,
+    init: str = "identity",
+    config: TrainConfig = YINYANG_SCALING,
+    seed: int = 0,
+    retries: int = 2,
+    tolerance: float = 0.005,
+    progress: bool = False,
+) -> tuple[ScaledMLP, ScalingReport]:
+    """Insert and train ``n_inserted`` blocks after hidden layer ``layer`` of ``model``.
+
+    The original parameters are deep-copied and frozen. Training only ever needs the fixed pairs
+    (a = head(x), b = replaced(a)), so they are computed once. Success means the scaled and the
+    original network agree on at least ``1 - tolerance`` of ``X`` (so accuracy moves by at most
+    ``tolerance``); a failed attempt (dead units leave the output constant) is retried with a
+    fresh seed, and the last retry uses the near-identity init. ``report.ok`` says if it worked.
+
+    Shape: X [n, features].
+    """
+    X = as_tensor(X, "X", ndim=2, dtype=torch.float32)
+    n_inserted = check_int(n_inserted, "n_inserted", low=0)
+    head, replaced, tail = split_mlp(copy.deepcopy(model), layer)
+    if X.shape[1] != head[0].in_features:
+        raise ValueError(f"X has {X.shape[1]} features but the model expects "
+                         f"{head[0].in_features}; pass inputs of the model's input width.")
+    for p in [*head.parameters(), *replaced.parameters(), *tail.parameters()]:
+        p.requires_grad_(False)
+    activation = activation_name(head[-1])
+    with torch.no_grad():
+        a = head(X)
+        b = replaced(a)
+        reference = tail(b).argmax(1)
+    report = ScalingReport(agreement=0.0, ok=False, init=init)
+    scaled = None
+    for attempt in range(retries + 1):
+        attempt_init = "identity" if attempt == retries and attempt > 0 else init
+        generator = torch.Generator().manual_seed(seed + 1000 * attempt)
+        inserts = make_inserts(a.shape[1], n_inserted, activation, attempt_init, generator)
+        scaled = ScaledMLP(head, inserts, replaced, tail, layer)
+        stack = nn.Sequential(inserts, replaced)
+        history = fit_minibatch(stack, nn.functional.huber_loss, a, b, config,
+                                seed=seed + attempt, progress=progress,
+                                desc=f"scale layer {layer}") if n_inserted else []
+        with torch.no_grad():
+            agreement = float((tail(stack(a)).argmax(1) == reference).float().mean())
+        report.attempts.append({"init": attempt_init, "seed": seed + 1000 * attempt,
+                                "agreement": agreement,
+                                "final_loss": history[-1] if history else 0.0})
+        report.agreement, report.init, report.history = agreement, attempt_init, history
+        if agreement >= 1.0 - tolerance:
+            report.ok = True
+            break
+        log.warning("scaling layer %d: attempt %d (%s init) agrees with the original on only "
+                    "%.2f%% of inputs; retrying", layer, attempt + 1, attempt_init, 100 * agreement)
+    if not report.ok:
+        log.error("scaling layer %d FAILED: best agreement %.2f%% < %.2f%% after %d attempts",
+                  layer, 100 * report.agreement, 100 * (1 - tolerance), retries + 1)
+    scaled.eval()
+    return scaled, report
