@@ -35,7 +35,7 @@ class KoopmanHybrid(nn.Module):
             raise ValueError(f"n_delays={h} leaves no step to predict: the trajectory has "
                              f"T={scaled.n_states} states, so n_delays must be <= "
                              f"{scaled.n_states - 2}.")
-        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[: 2 * h], scaled.tail
+        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[:h], scaled.tail
         self.width, self.out_width = scaled.width, scaled.out_width
         self.observable, self.pad_value = observable, pad_value
         self.layer, self.n_delays = scaled.layer, h
@@ -60,8 +60,8 @@ class KoopmanHybrid(nn.Module):
         """States s_0..s_h of the scaled network. Shape: [B, features] -> [B, h+1, W_padded]."""
         state = self.head(x)
         states = [state]
-        for i in range(0, len(self.prefix), 2):
-            state = self.prefix[i + 1](self.prefix[i](state))
+        for block in self.prefix:
+            state = block(state)
             states.append(state)
         states = torch.stack(states, dim=1)  # [B, h+1, W]
         pad = self.observable.n_features_in_ - states.shape[2]

@@ -106,10 +106,10 @@ class ScaledMLP(nn.Module):
 
 def make_inserts(width: int, n_inserted: int, activation: str, init: str,
                  generator: torch.Generator) -> nn.Sequential:
-    """N blocks Linear(w, w) + activation.
+    """N blocks ``Sequential(Linear(w, w), activation)``.
 
     ``init="he"`` is the paper's (He-normal, bias 0.01); narrow ReLU layers often die with it.
-    ``init="identity"`` starts at W = I + 0.01 noise, bias 0: with ReLU on non-negative inputs
+    ``init="identity"`` starts at W = I + 0.001 noise, bias 0: with ReLU on non-negative inputs
     each block starts as the identity, so every unit stays alive and training starts at the
     original function.
     """
@@ -124,16 +124,18 @@ def make_inserts(width: int, n_inserted: int, activation: str, init: str,
                 linear.weight.copy_(torch.randn(width, width, generator=generator) * std)
                 linear.bias.fill_(0.01)
             else:
-                noise = torch.randn(width, width, generator=generator) * 0.01
+                noise = torch.randn(width, width, generator=generator) * 1e-3
                 linear.weight.copy_(torch.eye(width) + noise)
                 linear.bias.zero_()
-        blocks += [linear, make_activation(activation)]
+        blocks.append(nn.Sequential(linear, make_activation(activation)))
     return nn.Sequential(*blocks)
 
 
 @dataclass
 class ScalingReport:
-    """How scaling went: ``agreement`` is the fraction of inputs where scaled and original agree."""
+    """How scaling went. ``agreement``: the scaled model's accuracy on the labels given to
+    :func:`scale_layer`, or without labels the fraction of inputs where it agrees with the
+    original."""
 
     agreement: float
     attempts: list[dict] = field(default_factory=list)
@@ -146,6 +148,7 @@ def scale_layer(
     model: nn.Sequential,
     layer: int,
     X: torch.Tensor,
+    y: torch.Tensor | None = None,
     *,
     n_inserted: int = 10,
     init: str = "identity",
@@ -163,7 +166,7 @@ def scale_layer(
     ``tolerance``); a failed attempt (dead units leave the output constant) is retried with a
     fresh seed, and the last retry uses the near-identity init. ``report.ok`` says if it worked.
 
-    Shape: X [n, features].
+    Shape: X [n, features], y [n].
     """
     X = as_tensor(X, "X", ndim=2, dtype=torch.float32)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
@@ -177,14 +180,15 @@ def scale_layer(
     with torch.no_grad():
         a = head(X)
         b = replaced(a)
-        reference = tail(b).argmax(1)
-    report = ScalingReport(agreement=0.0, ok=False, init=init)
-    scaled = None
+        original = tail(b).argmax(1)
+    reference = original if y is None else y
+    target = float((original == reference).float().mean()) - tolerance
+    report = ScalingReport(agreement=-1.0, ok=False, init=init)
+    best = None
     for attempt in range(retries + 1):
         attempt_init = "identity" if attempt == retries and attempt > 0 else init
         generator = torch.Generator().manual_seed(seed + 1000 * attempt)
         inserts = make_inserts(a.shape[1], n_inserted, activation, attempt_init, generator)
-        scaled = ScaledMLP(head, inserts, replaced, tail, layer)
         stack = nn.Sequential(inserts, replaced)
         history = fit_minibatch(stack, nn.functional.huber_loss, a, b, config,
                                 seed=seed + attempt, progress=progress,
@@ -194,14 +198,17 @@ def scale_layer(
         report.attempts.append({"init": attempt_init, "seed": seed + 1000 * attempt,
                                 "agreement": agreement,
                                 "final_loss": history[-1] if history else 0.0})
-        report.agreement, report.init, report.history = agreement, attempt_init, history
-        if agreement >= 1.0 - tolerance:
+        if agreement > report.agreement:
+            best = ScaledMLP(head, inserts, replaced, tail, layer)
+            report.agreement, report.init, report.history = agreement, attempt_init, history
+        if agreement >= target:
             report.ok = True
             break
-        log.warning("scaling layer %d: attempt %d (%s init) agrees with the original on only "
-                    "%.2f%% of inputs; retrying", layer, attempt + 1, attempt_init, 100 * agreement)
+        log.warning("scaling layer %d: attempt %d (%s init) scores %.2f%%, below the %.2f%% "
+                    "needed; retrying", layer, attempt + 1, attempt_init, 100 * agreement,
+                    100 * target)
     if not report.ok:
-        log.error("scaling layer %d FAILED: best agreement %.2f%% < %.2f%% after %d attempts",
-                  layer, 100 * report.agreement, 100 * (1 - tolerance), retries + 1)
-    scaled.eval()
-    return scaled, report
+        log.error("scaling layer %d FAILED: %.2f%% < %.2f%% after %d attempts", layer,
+                  100 * report.agreement, 100 * target, retries + 1)
+    best.eval()
+    return best, report

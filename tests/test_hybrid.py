@@ -1,0 +1,61 @@
+import dataclasses
+
+import pytest
+import torch
+
+from koopnet.dmd import DMD
+from koopnet.hybrid import KoopmanHybrid
+from koopnet.models import build_mlp
+from koopnet.observables import TimeDelay
+from koopnet.scaling import YINYANG_SCALING, scale_layer
+from koopnet.trajectories import collect_trajectories
+
+NO_TRAINING = dataclasses.replace(YINYANG_SCALING, epochs=1, lr=1e-12)
+
+
+def _linear_case(n_inserted: int):
+    model = build_mlp([3, 7, 6, 5, 2], activation="identity")
+    X = torch.randn(400, 3)
+    scaled, _ = scale_layer(model, 1, X, n_inserted=n_inserted, config=NO_TRAINING)
+    return scaled, X
+
+
+@pytest.mark.parametrize(("n_inserted", "n_delays"), [(0, 0), (10, 10), (3, 2)])
+def test_linear_network_is_reproduced_exactly(n_inserted, n_delays):
+    scaled, X = _linear_case(n_inserted)
+    trajectories = collect_trajectories(scaled, X)
+    # Identity activations: every step is affine, so the constant observable makes it exact.
+    observable = TimeDelay(n_delays, constant=True).fit(trajectories.states)
+    if n_delays < n_inserted:  # several different affine steps: one operator cannot do them
+        pytest.skip("time-varying linear steps are not one linear operator")
+    dmd = DMD().fit(observable.transform(trajectories.states))
+    hybrid = KoopmanHybrid(scaled, observable, dmd)
+    # Float32 network vs float64 operator: agreement to float32 rounding of logits ~O(1).
+    assert torch.allclose(hybrid(X), scaled(X), atol=1e-5)
+    assert hybrid.linear_steps == n_inserted + 1 - n_delays
+    assert hybrid.nonlinear_blocks == n_delays
+
+
+def test_forward_states_equals_forward(tiny_mlp):
+    model, X, y = tiny_mlp
+    scaled, _ = scale_layer(model, 2, X, y, n_inserted=10, config=NO_TRAINING, init="identity")
+    trajectories = collect_trajectories(scaled, X)
+    for h in (0, 4):
+        observable = TimeDelay(h).fit(trajectories.states)
+        dmd = DMD(rank=0.999).fit(observable.transform(trajectories.states))
+        hybrid = KoopmanHybrid(scaled, observable, dmd)
+        assert torch.allclose(hybrid(X), hybrid.forward_states(trajectories.states), atol=1e-6)
+        assert hybrid.linear_map.shape == (scaled.out_width, observable.n_output_features_)
+        assert hybrid(X).dtype == X.dtype
+
+
+def test_too_many_delays_is_refused(tiny_mlp):
+    model, X, _ = tiny_mlp
+    scaled, _ = scale_layer(model, 1, X, n_inserted=2, config=NO_TRAINING)
+    trajectories = collect_trajectories(scaled, X)
+    observable = TimeDelay(2).fit(trajectories.states)
+    dmd = DMD().fit(TimeDelay(1).fit_transform(trajectories.states))
+    with pytest.raises(ValueError, match=r"n_delays=3 leaves no step to predict: the trajectory "
+                                         r"has T=4 states"):
+        KoopmanHybrid(scaled, TimeDelay(3).fit(trajectories.states), dmd)
+    del observable
