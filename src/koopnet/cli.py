@@ -27,7 +27,8 @@ def _write_run(out: Path, results: dict, figures: dict, *, pdf: bool = False) ->
     if layers:
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 4.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.4 * len(layers), 4.6), squeeze=False,
+                                 layout="constrained")
         for ax, (layer, info) in zip(axes[0], layers.items(), strict=True):
             best, dmd = info["best"], info["fit"][0]
             plot_eigenvalues(dmd.eigenvalues_, ax, title=(
