@@ -1,3 +1,88 @@
-"""koopnet: replace layers of trained networks with linear Koopman operators."""
+"""koopnet: replace layers of trained networks with linear Koopman operators.
+
+The public API is importable from here; each name loads its module on first use, so
+``import koopnet`` stays cheap (the command line imports only what a subcommand needs).
+
+>>> import koopnet
+>>> koopnet.ScaledModel is koopnet.ScaledMLP
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    **{name: ("koopnet.datasets", name)
+       for name in ("make_yinyang", "yinyang_splits", "idx_splits", "Split", "DataSplits")},
+    **{name: ("koopnet.models", name)
+       for name in ("build_mlp", "train_classifier", "TrainConfig", "accuracy")},
+    "scale_layer": ("koopnet.scaling", "scale_layer"),
+    "ScaledMLP": ("koopnet.scaling", "ScaledMLP"),
+    "ScaledModel": ("koopnet.scaling", "ScaledMLP"),  # the name the issue and docs use
+    "collect_trajectories": ("koopnet.trajectories", "collect_trajectories"),
+    "Trajectories": ("koopnet.trajectories", "Trajectories"),
+    "TimeDelay": ("koopnet.observables", "TimeDelay"),
+    "DMD": ("koopnet.dmd", "DMD"),
+    "KoopmanHybrid": ("koopnet.hybrid", "KoopmanHybrid"),
+    **{name: ("koopnet.api", name)
+       for name in ("linearize", "fit_hybrid", "save_model", "load_model", "load_model_files",
+                    "save_scaled", "load_scaled", "save_hybrid", "load_hybrid")},
+    "ArtifactError": ("koopnet.artifacts", "ArtifactError"),
+    "NotFittedError": ("koopnet._checks", "NotFittedError"),
+}
+
+__all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
+    "DMD", "ArtifactError", "DataSplits", "KoopmanHybrid", "NotFittedError", "ScaledMLP",
+    "ScaledModel", "Split", "TimeDelay", "TrainConfig", "Trajectories", "__version__",
+    "accuracy", "build_mlp", "collect_trajectories", "fit_hybrid", "idx_splits", "linearize",
+    "load_hybrid", "load_model", "load_model_files", "load_scaled", "make_yinyang",
+    "save_hybrid", "save_model", "save_scaled", "scale_layer", "train_classifier",
+    "yinyang_splits",
+]
+
+if TYPE_CHECKING:  # static analysers see the real objects
+    from koopnet._checks import NotFittedError
+    from koopnet.api import (
+        fit_hybrid,
+        linearize,
+        load_hybrid,
+        load_model,
+        load_model_files,
+        load_scaled,
+        save_hybrid,
+        save_model,
+        save_scaled,
+    )
+    from koopnet.artifacts import ArtifactError
+    from koopnet.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
+    from koopnet.dmd import DMD
+    from koopnet.hybrid import KoopmanHybrid
+    from koopnet.models import TrainConfig, accuracy, build_mlp, train_classifier
+    from koopnet.observables import TimeDelay
+    from koopnet.scaling import ScaledMLP, scale_layer
+    from koopnet.scaling import ScaledMLP as ScaledModel
+    from koopnet.trajectories import Trajectories, collect_trajectories
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _EXPORTS[name]
+    except KeyError:
+        try:  # a submodule, e.g. koopnet.api after a plain `import koopnet`
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'koopnet' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

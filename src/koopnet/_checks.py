@@ -47,7 +47,9 @@ def check_finite(data: torch.Tensor, name: str, hint: str = "") -> None:
     """Raise if ``data`` holds NaN or inf, naming the count and the first bad position."""
     if not data.is_floating_point() and not data.is_complex():
         return
-    if bool(torch.isfinite(data.sum())) and bool(torch.isfinite(data).all()):
+    # fast path: any NaN or inf makes the sum non-finite; a huge finite tensor can overflow the
+    # sum, so only then look at every entry
+    if bool(torch.isfinite(data.sum())) or bool(torch.isfinite(data).all()):
         return
     bad = ~torch.isfinite(data)
     n_nan = int(torch.isnan(data).sum())
@@ -76,3 +78,20 @@ def check_float(value, name: str, *, low: float | None = None) -> float:
         bound = f" >= {low}" if low is not None else ""
         raise ValueError(f"{name}={value} must be a finite number{bound}.")
     return value
+
+
+def check_width_preserving(blocks: torch.nn.Module, width: int,
+                           name: str = "inserted block") -> None:
+    """Every Linear inside ``blocks`` must map ``width`` to ``width``.
+
+    The inserted blocks of a scaled network turn depth into time: each state must have the
+    width of the one before it, or the states do not form one trajectory.
+    """
+    for i, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(module, torch.nn.Linear) and (
+                    module.in_features, module.out_features) != (width, width):
+                raise ValueError(
+                    f"{name} {i} maps width {module.in_features} -> {module.out_features}; "
+                    f"inserted blocks must preserve the width ({width} -> {width}) so the states "
+                    "form one trajectory. Build them with Linear(w, w) (see scale_layer).")

@@ -1,4 +1,4 @@
-"""Command-line interface: ``koopnet reproduce``, ``koopnet report``, ``koopnet fit``.
+"""Command-line interface: koopnet reproduce, and the stages train, scale, fit, evaluate, report.
 
 Logs and progress bars go to stderr, results to files and a one-line summary to stdout.
 """
@@ -62,6 +62,75 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _widths(text: str) -> list[int]:
+    """``--widths 2,8,6,4,3,2`` -> [2, 8, 6, 4, 3, 2]."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--widths {text!r} must be comma-separated integers such as 2,8,6,4,3,2.") from None
+    if len(widths) < 3 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--widths {text!r} needs an input, at least one hidden and an output width, all >= 1.")
+    return widths
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from koopnet.api import stage_train
+
+    path = stage_train(args.out, dataset=args.dataset, widths=args.widths,
+                       activation=args.activation, labels=args.labels, epochs=args.epochs,
+                       lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                       data_dir=args.data_dir, force=args.force, progress=not args.quiet)
+    metrics = json.loads(path.read_text())["config"]["metrics"]
+    print(json.dumps({"out": str(path.parent), **metrics}))
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from koopnet.api import stage_scale
+
+    path = stage_scale(args.out, run=args.run, model=args.model, config=args.config,
+                       data=args.data, labels=args.labels, layer=args.layer,
+                       n_inserted=args.n_inserted, init=args.init, epochs=args.epochs,
+                       seed=args.seed, data_dir=args.data_dir, force=args.force,
+                       progress=not args.quiet)
+    report = json.loads(path.read_text())["config"]["report"]
+    print(json.dumps({"out": str(path.parent), "scaling_ok": report["ok"],
+                      "agreement": report["agreement"], "init": report["init"]}))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """``koopnet fit SCALE_DIR`` (staged) or ``koopnet fit --trajectories PATH`` (streamed)."""
+    from koopnet.fitting import fit_command
+
+    if (args.scale_dir is None) == (args.trajectories is None):
+        raise ValueError("koopnet fit needs either a scale-stage folder (koopnet fit SCALE_DIR "
+                         "...) or --trajectories PATH, not both.")
+    if args.trajectories is not None:
+        return fit_command(args)
+    from koopnet.api import stage_fit
+
+    path = stage_fit(args.out, scale_dir=args.scale_dir, n_delays=args.n_delays,
+                     rank=args.rank, tikhonov=args.tikhonov, constant=args.constant,
+                     protocol=args.protocol, force=args.force)
+    config = json.loads(path.read_text())["config"]
+    print(json.dumps({"out": str(path.parent), "n_delays": config["n_delays"],
+                      "fitted_rank": config["fitted_rank"], "n_pairs": config["n_pairs"]}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from koopnet.api import stage_evaluate
+
+    path = stage_evaluate(args.out, fit_dir=args.fit_dir, data=args.data, labels=args.labels,
+                          data_dir=args.data_dir, force=args.force)
+    print(json.dumps({"out": str(path.parent),
+                      "metrics": json.loads(path.read_text())["metrics"]}))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from koopnet.artifacts import atomic_write_text
     from koopnet.report import render_report
@@ -69,14 +138,85 @@ def cmd_report(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     path = run / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no results.json in '{run}'; run `koopnet reproduce` first.")
+        raise FileNotFoundError(f"no results.json in '{run}'; run `koopnet reproduce` or "
+                                "`koopnet evaluate` first.")
     results = json.loads(path.read_text())
+    if isinstance(results, dict) and results.get("stage") == "evaluate":
+        from koopnet.api import render_evaluation
+
+        atomic_write_text(run / "report.md", render_evaluation(results))
+        print(run / "report.md")
+        return 0
     if results.get("schema") != 1:
         raise ValueError(f"'{path}' has schema {results.get('schema')!r}; this koopnet reads 1.")
     figures = sorted(str(p) for p in run.glob("*.png"))
     atomic_write_text(run / "report.md", render_report(results, figures))
     print(run / "report.md")
     return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """``koopnet study``: observables, baselines, ablations and spectra over several seeds."""
+    from koopnet.artifacts import prepare_output_dir, write_json
+    from koopnet.study import make_figures, run_study, save_spectra
+
+    out = prepare_output_dir(args.out, force=args.force)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    results, figures, tensors = run_study(args.dataset, seeds=seeds, quick=args.quick,
+                                          progress=not args.quiet)
+    save_spectra(out, tensors)
+    write_json(out / "results.json", results)
+    written = make_figures(out, pdf=args.pdf)
+    results["study"]["figures"] = [Path(p).name for p in written if p.endswith(".png")]
+    _write_run(out, results, figures, pdf=args.pdf)
+    print(json.dumps({"out": str(out), "seeds": seeds, "figures": len(written),
+                      "comparison_rows": len(results["comparison"])}))
+    return 0
+
+
+def _add_stage_parsers(sub) -> None:
+    """``koopnet train`` and ``koopnet scale``: the first two stages on saved artifacts."""
+    train = sub.add_parser("train", help="stage 1: train an MLP -> model.safetensors/json")
+    train.add_argument("--dataset", required=True,
+                       help="yinyang, yinyang3, mnist, idx:PATH, X.npy (with --labels) or a "
+                            ".safetensors file with tensors X and y")
+    train.add_argument("--labels", help=".npy class indices for a .npy --dataset")
+    train.add_argument("--widths", type=_widths, help="e.g. 2,8,6,4,3,2 (default: the data "
+                                                      "set's paper architecture)")
+    train.add_argument("--activation", default="relu",
+                       help="relu, tanh, gelu, elu, leaky_relu or identity")
+    train.add_argument("--epochs", type=int, help="default: the data set's recipe")
+    train.add_argument("--lr", type=float, help="default: the data set's recipe")
+    train.add_argument("--batch-size", type=int, help="default: the data set's recipe")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
+    train.add_argument("--out", required=True, help="output folder (refused if not empty)")
+    train.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    train.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    train.set_defaults(func=cmd_train)
+
+    scale = sub.add_parser("scale", help="stage 2: insert and train width-preserving blocks "
+                                         "after a hidden layer -> scaled.safetensors/json")
+    scale.add_argument("run", nargs="?", metavar="TRAIN_DIR",
+                       help="output folder of `koopnet train` (or use --model/--config)")
+    scale.add_argument("--model", help="your own weights: safetensors of model.state_dict()")
+    scale.add_argument("--config", help='JSON for --model, e.g. {"widths": [5, 12, 12, 7, 4], '
+                                        '"activation": "tanh"}')
+    scale.add_argument("--data", help="inputs: a data set name, X.npy or a .safetensors file "
+                                      "with X (and y); default: the train folder's data set")
+    scale.add_argument("--labels", help=".npy class indices for --data (optional)")
+    scale.add_argument("--layer", type=int, required=True,
+                       help="hidden layer k (1-based) that starts the trajectory; layer k+1 is "
+                            "replaced")
+    scale.add_argument("--n-inserted", type=int, default=10, help="inserted blocks N (T = N+2)")
+    scale.add_argument("--init", choices=("he", "identity"), default="he")
+    scale.add_argument("--epochs", type=int, help="scaling epochs (default 1000)")
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
+    scale.add_argument("--out", required=True, help="output folder (refused if not empty)")
+    scale.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    scale.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    scale.set_defaults(func=cmd_scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,11 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    from koopnet.fitting import add_fit_arguments, fit_command
+    study = sub.add_parser("study", help="observables, baselines, ablations, spectra and "
+                                         "figures over several seeds (Yin-Yang)")
+    study.add_argument("dataset", help="yinyang")
+    study.add_argument("--out", required=True, help="output folder (refused if not empty)")
+    study.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
+    study.add_argument("--seed", type=int, default=0, help="first seed")
+    study.add_argument("--quick", action="store_true", help="tiny smoke-test version")
+    study.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    study.add_argument("--pdf", action="store_true", help="also write PDF figures")
+    study.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    study.set_defaults(func=cmd_study)
 
-    fit = add_fit_arguments(sub.add_parser("fit", help="streamed, sharded DMD fit from a "
-                                                      "trajectory file (torchrun-ready)"))
-    fit.set_defaults(func=fit_command)
+    _add_stage_parsers(sub)
+    from koopnet.fitting import add_fit_arguments
+
+    fit = add_fit_arguments(sub.add_parser(
+        "fit", help="stage 3: fit the DMD and build the hybrid from a scale folder; or a "
+                    "streamed, sharded DMD fit from a trajectory file (torchrun-ready)"),
+        stage=True)
+    fit.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    fit.set_defaults(func=cmd_fit)
+    evaluate = sub.add_parser("evaluate", help="stage 4: accuracy of original, scaled and "
+                                               "hybrid -> results.json")
+    evaluate.add_argument("fit_dir", help="output folder of `koopnet fit SCALE_DIR`")
+    evaluate.add_argument("--data", help="score on this data instead of the recorded data set's "
+                                         "val/test splits (.npy, .safetensors or a name)")
+    evaluate.add_argument("--labels", help=".npy class indices for --data")
+    evaluate.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
+    evaluate.add_argument("--out", required=True, help="output folder (refused if not empty)")
+    evaluate.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    evaluate.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -118,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         print("koopnet: interrupted; files written so far are complete and intact",
               file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"koopnet: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # ArtifactError included
+        message = " ".join(str(err).split())  # always one line
+        print(f"koopnet: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -112,21 +112,42 @@ def normalize_images(images: np.ndarray, mean: float, std: float) -> torch.Tenso
     return (x - mean) / std
 
 
+def load_idx_arrays(root: str | None, *, name: str = "mnist", download: bool = True):
+    """The four uint8 arrays (train images, train labels, test images, test labels) of MNIST
+    (``name="mnist"``, fetched when missing) or of any MNIST-format folder (``name="idx"``)."""
+    from koopnet.idx import load_idx_dataset, load_mnist
+
+    if name == "mnist":
+        return load_mnist(root, download=download)
+    if root is None:
+        raise ValueError("an MNIST-format data set needs a folder; pass idx:PATH.")
+    return load_idx_dataset(root)
+
+
+def raw_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [n, rows, cols] -> float32 [n, rows*cols] of raw pixel values 0..255.
+
+    The paper extracted its MNIST trajectories from these (``train_set.data.float()``), not from
+    the normalised inputs the networks were trained on (paper-method section 2.3).
+    """
+    return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))
+
+
 def idx_splits(
-    root: str | None, *, name: str = "mnist", n_val: int = 5000, seed: int = 0,
+    root: str | None, *, name: str = "mnist", n_val: int | None = 5000, seed: int = 0,
     download: bool = True,
 ) -> DataSplits:
     """MNIST (``root`` None or a data folder) or any MNIST-format folder, as normalised vectors.
 
     The validation split is carved from the training set with a seeded permutation; the test set
     is the file's own test split. MNIST's mean/std are used for every IDX set, as the paper did.
+    ``n_val=None`` takes min(5000, a tenth of the training set), which suits small IDX sets.
     """
-    from koopnet.idx import MNIST_MEAN, MNIST_STD, load_idx_dataset, load_mnist
+    from koopnet.idx import MNIST_MEAN, MNIST_STD
 
-    if name == "mnist":
-        train_x, train_y, test_x, test_y = load_mnist(root, download=download)
-    else:
-        train_x, train_y, test_x, test_y = load_idx_dataset(root)
+    train_x, train_y, test_x, test_y = load_idx_arrays(root, name=name, download=download)
+    if n_val is None:
+        n_val = min(5000, len(train_x) // 10)
     if not 0 <= n_val < len(train_x):
         raise ValueError(f"n_val={n_val} must be in [0, {len(train_x)}) for '{name}'.")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))

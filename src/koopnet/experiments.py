@@ -21,10 +21,20 @@ import platform
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from koopnet.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
+from koopnet.datasets import (
+    DataSplits,
+    Split,
+    idx_splits,
+    load_idx_arrays,
+    make_yinyang,
+    normalize_images,
+    raw_images,
+    yinyang_splits,
+)
 from koopnet.dmd import DMD
 from koopnet.hybrid import KoopmanHybrid
 from koopnet.models import (
@@ -73,6 +83,16 @@ class ExperimentConfig:
     constants: list[bool] = field(default_factory=lambda: [False, True])
     trajectory_counts: list[int] | None = None  # paper protocol: M values; None = all
     data_dir: str | None = None
+    # MNIST paper protocol: the paper fed raw pixels (0..255, not normalised) to the networks
+    # when it recorded the DMD trajectories; the hybrid is still scored on normalised inputs.
+    raw_pixel_trajectories: bool = False
+    train_subset: int | None = None  # use only the first n training samples (smoke tests)
+    # Exact-DMD roll-out (see DMD): within-trajectory pairs never hold the replaced layer's
+    # output as a newest state, so the paper's projected roll-out loses it (MNIST layer 3,
+    # h=10: 33% vs 90% test in a quick run). The clean protocol uses it; the paper protocol
+    # keeps the projected one, as PyKoopman does.
+    exact_rollout: bool = False
+    scaling_subset: int | None = None  # train the inserted blocks on the first n of them
 
 
 def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
@@ -80,7 +100,8 @@ def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
     """The recipe for a data set and protocol; ``quick`` shrinks it to a smoke test."""
     if protocol not in ("clean", "paper"):
         raise ValueError(f"protocol={protocol!r} must be 'clean' or 'paper'.")
-    config = ExperimentConfig(dataset=dataset, protocol=protocol, seed=seed)
+    config = ExperimentConfig(dataset=dataset, protocol=protocol, seed=seed,
+                              exact_rollout=protocol == "clean")
     if dataset in ("mnist",) or dataset.startswith("idx:"):
         config.widths = [784, 256, 128, 64, 32, 10]
         config.base, config.scaling = MNIST_RECIPE, MNIST_SCALING
@@ -107,7 +128,37 @@ def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
         config.tikhonovs = config.tikhonovs[:2]
         if config.trajectory_counts:
             config.trajectory_counts = config.trajectory_counts[-1:]
+    if dataset == "mnist" or dataset.startswith("idx:"):
+        _idx_defaults(config, quick)
     return config
+
+
+def _idx_defaults(config: ExperimentConfig, quick: bool) -> None:
+    """MNIST-size budgets: the clean run must finish in 30 minutes on 2 cores.
+
+    The paper protocol keeps the paper's recipes (base: AdamW lr 1e-2, 30 epochs; scaling: 100
+    epochs on all 60k) and its grid (rank 500, M in {1, 10, 50, 500}, h = 1..10).
+    """
+    if config.protocol == "paper":
+        config.raw_pixel_trajectories = True
+    else:
+        # Scaling regresses fixed targets, so a 20k subset and 600 steps of batch 1024 replace
+        # the paper's 1500 steps of batch 4096 on 60k (layer 1's inserts cost 10 x 256^2 MACs
+        # per sample, the bulk of a run). The constant observable and a short rank/Tikhonov
+        # list keep the sweep to 15 fits per (layer, h); rank=500/200 rows exist only where
+        # D = W (h + 1) + 1 exceeds them.
+        config.scaling = dataclasses.replace(config.scaling, epochs=30, batch_size=1024)
+        config.scaling_subset = 20000
+        config.constants = [True]
+        config.ranks = [None, 0.9999, 0.999, 500, 200]
+        config.tikhonovs = [0.0, 1e-6, 1e-4]
+    if quick:
+        config.train_subset, config.scaling_subset = 5000, None
+        config.layers = [config.layers[-1]]
+        config.base = dataclasses.replace(config.base, epochs=8, batch_size=256)
+        config.scaling = dataclasses.replace(config.scaling, epochs=10, batch_size=256)
+        config.delays = [h for h in config.delays if h in (1, 5, 10)]
+        config.ranks, config.tikhonovs = config.ranks[:2], config.tikhonovs[:1]
 
 
 @dataclass
@@ -135,11 +186,42 @@ def load_protocol_data(config: ExperimentConfig) -> ProtocolData:
                 test=pool.subset(slice(0, 4000)), held_out=Split(*make_yinyang(4000, 7)),
                 n_features=2, n_classes=2)
         splits = yinyang_splits(config.dataset)
+        return _clean_data(splits)
+    root = config.dataset[4:] if config.dataset.startswith("idx:") else config.data_dir
+    name = "mnist" if config.dataset == "mnist" else "idx"
+    if config.protocol == "paper":
+        data = _paper_idx_data(config, root, name)
     else:
-        root = config.dataset[4:] if config.dataset.startswith("idx:") else config.data_dir
-        name = "mnist" if config.dataset == "mnist" else "idx"
-        splits = idx_splits(root, name=name, seed=config.seed)
-    return _clean_data(splits)
+        data = _clean_data(idx_splits(root, name=name, n_val=None, seed=config.seed))
+    n = config.train_subset
+    if n is not None:
+        data.base, data.scaling = data.base.subset(slice(0, n)), data.scaling.subset(slice(0, n))
+        data.trajectories = data.trajectories.subset(slice(0, n))
+    if config.scaling_subset is not None:
+        data.scaling = data.scaling.subset(slice(0, config.scaling_subset))
+    return data
+
+
+def _paper_idx_data(config: ExperimentConfig, root, name: str) -> ProtocolData:
+    """MNIST as the paper used it (paper-method sections 2.3, 5): base and scaling on the 60k
+    normalised training images, hybrid scored (and picked, as the paper did) on the 10k test
+    images, DMD trajectories from half of the training images (a seeded 30k/30k split), fed as
+    raw pixels when ``raw_pixel_trajectories`` is set."""
+    from koopnet.idx import MNIST_MEAN, MNIST_STD
+
+    train_x, train_y, test_x, test_y = load_idx_arrays(root, name=name)
+    train = Split(normalize_images(train_x, MNIST_MEAN, MNIST_STD),
+                  torch.from_numpy(train_y.astype(np.int64)))
+    test = Split(normalize_images(test_x, MNIST_MEAN, MNIST_STD),
+                 torch.from_numpy(test_y.astype(np.int64)))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
+    pool = order[: len(train) // 2]  # the paper's "train" trajectories; the other half unused
+    inputs = raw_images(train_x) if config.raw_pixel_trajectories else train.X
+    trajectories = Split(inputs[pool], train.y[pool])
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    return ProtocolData(base=train, scaling=train, trajectories=trajectories, val=test,
+                        test=test, held_out=None, n_features=train.X.shape[1],
+                        n_classes=n_classes)
 
 
 def _clean_data(splits: DataSplits) -> ProtocolData:
@@ -149,21 +231,26 @@ def _clean_data(splits: DataSplits) -> ProtocolData:
 
 
 def train_base(config: ExperimentConfig, data: ProtocolData, progress: bool,
-               attempts: int = 3) -> torch.nn.Sequential:
-    """Train the base MLP; a run whose training accuracy stays near chance (dead ReLUs) restarts
-    with a fresh seed, at most ``attempts`` times."""
+               attempts: int = 3, min_train_accuracy: float = 0.95) -> torch.nn.Sequential:
+    """Train the base MLP. Tiny ReLU nets (129 parameters on Yin-Yang) often stall in a poor
+    local minimum or with dead units; a run below ``min_train_accuracy`` on its own training
+    data restarts with a fresh seed, and the best of at most ``attempts`` runs by training
+    accuracy is kept. Only training data is looked at, so the test split stays untouched."""
     widths = [data.n_features, *config.widths[1:-1], data.n_classes]
+    best, best_acc = None, -1.0
     for attempt in range(attempts):
         torch.manual_seed(config.seed + 7919 * attempt)
         model = build_mlp(widths, config.activation)
         train_classifier(model, data.base.X, data.base.y, config.base,
                          seed=config.seed + attempt, progress=progress)
         train_acc = accuracy(model, data.base.X, data.base.y)
-        if train_acc > 1.5 / data.n_classes or config.base.epochs < 50:
-            return model
-        log.warning("base model attempt %d is stuck at %.1f%% training accuracy; restarting",
-                    attempt + 1, 100 * train_acc)
-    return model
+        if train_acc > best_acc:
+            best, best_acc = model, train_acc
+        if train_acc >= min_train_accuracy or config.base.epochs < 50:
+            break
+        log.warning("base model attempt %d reaches only %.1f%% training accuracy; restarting "
+                    "with a fresh seed", attempt + 1, 100 * train_acc)
+    return best
 
 
 def _evaluate(hybrid: KoopmanHybrid, states: dict[str, torch.Tensor],
@@ -188,7 +275,8 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     states = {k: collect_trajectories(scaled, v.X).states for k, v in sets.items()}
     labels = {k: v.y for k, v in sets.items()}
     rows, fits = [], {}
-    counts = config.trajectory_counts or [len(train)]
+    # M larger than the pool (tiny IDX sets) is recorded as the count actually used.
+    counts = sorted({min(m, len(train)) for m in config.trajectory_counts or [len(train)]})
     grid = [(m, h, c) for m in counts for h in config.delays for c in config.constants
             if h <= train.n_states - 2]
     bar = tqdm(grid, desc=f"DMD sweep layer {scaled.layer}", disable=not progress, leave=False)
@@ -205,7 +293,8 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
             source = _paper_pairs(train.subset(slice(0, m)), observable)
         for rank in config.ranks:
             for tikhonov in config.tikhonovs:
-                dmd = DMD(rank, tikhonov=tikhonov)
+                dmd = DMD(rank if moments is not None else _paper_rank(rank, source[0]),
+                          tikhonov=tikhonov, exact_rollout=config.exact_rollout)
                 try:
                     if moments is not None:
                         dmd.fit_statistics(source)
@@ -225,6 +314,15 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
                 fits[len(rows)] = (dmd, hybrid)
                 rows.append(row)
     return rows, fits
+
+
+def _paper_rank(rank, X: torch.Tensor):
+    """The paper's EDMD (PyDMD) clips an integer ``svd_rank`` to min(pairs, D) without a word;
+    so does the paper protocol, so the M=1 and M=10 rows of its rank-500 grid exist. The clipped
+    value shows in ``rank_resolved``; the clean protocol keeps ``resolve_rank``'s error."""
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
+        return min(rank, *X.shape)
+    return rank
 
 
 def _paper_pairs(train: Trajectories, observable: TimeDelay):
@@ -291,7 +389,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> tuple[
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "environment": environment(),
     }
-    if config.protocol == "paper":
+    if config.protocol == "paper" and data.held_out is None:
+        results["selection_note"] = ("paper protocol: 'selected' is the best row on the test "
+                                     "set, as the paper reports it; no validation split.")
+    elif config.protocol == "paper":
         results["selection_note"] = ("paper protocol: 'selected' is the best row on the paper's "
                                      "test set, as the paper reports it; 'held_out_accuracy' "
                                      "scores the same rows on an independent set (seed 7).")

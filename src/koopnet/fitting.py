@@ -199,9 +199,15 @@ def dmd_tensors(dmd: DMD) -> dict[str, torch.Tensor]:
             "eigenvalues_imag": dmd.eigenvalues_.imag.contiguous()}
 
 
-def add_fit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of ``koopnet fit``."""
-    parser.add_argument("--trajectories", required=True, metavar="PATH",
+def add_fit_arguments(parser: argparse.ArgumentParser, *,
+                      stage: bool = False) -> argparse.ArgumentParser:
+    """Options of ``koopnet fit``; ``stage`` adds the positional SCALE_DIR of the staged CLI
+    (then exactly one of SCALE_DIR and --trajectories is needed)."""
+    if stage:
+        parser.add_argument("scale_dir", nargs="?", metavar="SCALE_DIR",
+                            help="output folder of `koopnet scale`: collect its trajectories "
+                                 "on the recorded data, fit, and write dmd.* and hybrid.*")
+    parser.add_argument("--trajectories", required=not stage, metavar="PATH",
                         help="safetensors file with a tensor 'states' [B, T, W]")
     parser.add_argument("--tensor", default="states", help="tensor name (default: states)")
     parser.add_argument("--n-delays", type=int, required=True, metavar="H",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from koopnet._checks import check_int
+from koopnet._checks import check_int, check_width_preserving
 from koopnet.dmd import DMD
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
@@ -28,28 +28,53 @@ class KoopmanHybrid(nn.Module):
     """
 
     def __init__(self, scaled: ScaledMLP, observable: TimeDelay, dmd: DMD, *,
-                 pad_value: float = PAD_VALUE) -> None:
+                 pad_value: float = PAD_VALUE, n_blocks: int | None = None) -> None:
         super().__init__()
         h = check_int(observable.n_delays, "n_delays", low=0)
-        if h > scaled.n_states - 2:
-            raise ValueError(f"n_delays={h} leaves no step to predict: the trajectory has "
+        check_width_preserving(scaled.inserts, scaled.width)
+        # n_blocks: inserted blocks run before lifting (default h); more than h lets a
+        # dictionary with fewer delays (e.g. plain DMD) start its roll-out later.
+        blocks = h if n_blocks is None else check_int(n_blocks, "n_blocks", low=h)
+        if blocks > scaled.n_states - 2:
+            raise ValueError(f"n_delays={blocks} leaves no step to predict: the trajectory has "
                              f"T={scaled.n_states} states, so n_delays must be <= "
                              f"{scaled.n_states - 2}.")
-        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[:h], scaled.tail
+        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[:blocks], scaled.tail
         self.width, self.out_width = scaled.width, scaled.out_width
         self.observable, self.pad_value = observable, pad_value
-        self.layer, self.n_delays = scaled.layer, h
-        self.linear_steps = scaled.n_states - 1 - h
+        self.layer, self.n_delays, self.n_blocks = scaled.layer, h, blocks
+        self.linear_steps = scaled.n_states - 1 - blocks
         readout = observable.readout(self.out_width).to(dmd.dtype)
         self.register_buffer("basis", dmd.basis_)
         self.register_buffer("operator", dmd.operator_)
         self.register_buffer("readout", readout)
-        self.register_buffer("linear_map", readout @ dmd.transition(self.linear_steps))
+        self.register_buffer("linear_map", dmd.transition(self.linear_steps, readout))
+
+    @classmethod
+    def from_buffers(cls, head: nn.Sequential, prefix: nn.Sequential, tail: nn.Sequential,
+                     observable: TimeDelay, buffers: dict[str, torch.Tensor], *, layer: int,
+                     width: int, out_width: int, linear_steps: int,
+                     pad_value: float = PAD_VALUE) -> KoopmanHybrid:
+        """Rebuild a hybrid from saved parts, without a DMD (see ``koopnet.api.load_hybrid``).
+
+        ``buffers`` holds ``basis``, ``operator``, ``readout`` and ``linear_map``; ``observable``
+        is a fitted TimeDelay.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.head, self.prefix, self.tail = head, prefix, tail
+        self.width, self.out_width = width, out_width
+        self.observable, self.pad_value = observable, pad_value
+        self.layer, self.n_delays, self.n_blocks = layer, observable.n_delays_, len(prefix)
+        self.linear_steps = linear_steps
+        for name in ("basis", "operator", "readout", "linear_map"):
+            self.register_buffer(name, buffers[name])
+        return self
 
     @property
     def nonlinear_blocks(self) -> int:
         """Inserted nonlinear blocks still run (the first h of the N)."""
-        return self.n_delays
+        return self.n_blocks
 
     @property
     def n_replacement_parameters(self) -> int:
@@ -76,7 +101,7 @@ class KoopmanHybrid(nn.Module):
         Lets a sweep over h, rank and regularisation reuse one forward pass of the network.
         Shape: states [B, k+1, W] -> logits [B, classes].
         """
-        states = states[:, : self.n_delays + 1]  # [B, h+1, W]
+        states = states[:, self.n_blocks - self.n_delays: self.n_blocks + 1]  # [B, h+1, W]
         lifted = self.observable.transform(states)[:, -1]  # [B, D]
         predicted = lifted.to(self.linear_map.dtype) @ self.linear_map.T  # [B, w']
         return self.tail(predicted.to(states.dtype))

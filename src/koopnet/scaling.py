@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_int
-from koopnet.models import TrainConfig, activation_name, fit_minibatch, make_activation
+from koopnet.models import ACTIVATIONS, TrainConfig, activation_name, fit_minibatch, make_activation
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def split_mlp(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequentia
                              "[Linear, activation, Linear, activation, ..., Linear].")
         if i % 2 == 1 and activation_name(module) is None:
             raise ValueError(f"model[{i}] is {type(module).__name__}, not a supported activation "
-                             "(relu, tanh, gelu, elu, leaky_relu, identity).")
+                             f"({', '.join(ACTIVATIONS)}).")
     n_hidden = len(modules) // 2
     if n_hidden < 2:
         raise ValueError(f"model has {n_hidden} hidden layer(s); scaling needs at least 2 "
