@@ -155,6 +155,7 @@ def scale_layer(
     config: TrainConfig = YINYANG_SCALING,
     seed: int = 0,
     retries: int = 2,
+    fallback_identity: bool = True,
     tolerance: float = 0.005,
     progress: bool = False,
 ) -> tuple[ScaledMLP, ScalingReport]:
@@ -164,7 +165,9 @@ def scale_layer(
     (a = head(x), b = replaced(a)), so they are computed once. Success means the scaled and the
     original network agree on at least ``1 - tolerance`` of ``X`` (so accuracy moves by at most
     ``tolerance``); a failed attempt (dead units leave the output constant) is retried with a
-    fresh seed, and the last retry uses the near-identity init. ``report.ok`` says if it worked.
+    fresh seed, and the last retry uses the near-identity init (unless ``fallback_identity`` is
+    False, as the paper protocol sets, so that every attempt uses ``init``). ``report.ok`` says
+    if it worked.
 
     Shape: X [n, features], y [n].
     """
@@ -186,7 +189,8 @@ def scale_layer(
     report = ScalingReport(agreement=-1.0, ok=False, init=init)
     best = None
     for attempt in range(retries + 1):
-        attempt_init = "identity" if attempt == retries and attempt > 0 else init
+        last = attempt == retries and attempt > 0
+        attempt_init = "identity" if last and fallback_identity else init
         generator = torch.Generator().manual_seed(seed + 1000 * attempt)
         inserts = make_inserts(a.shape[1], n_inserted, activation, attempt_init, generator)
         stack = nn.Sequential(inserts, replaced)
