@@ -105,9 +105,9 @@ API_CASES = {
         r"layer=1: hidden layer 2 \(model\[2\]\) is not followed by an activation: model\[3\] "
         r"is Linear\. .* pick another layer"),
     "unsupported activation": (
-        dict(model=nn.Sequential(nn.Linear(5, 6), nn.Sigmoid(), nn.Linear(6, 6), nn.ReLU(),
+        dict(model=nn.Sequential(nn.Linear(5, 6), nn.Hardswish(), nn.Linear(6, 6), nn.ReLU(),
                                  nn.Linear(6, 2))),
-        r"hidden layer 1 \(model\[0\]\) is not followed by an activation: model\[1\] is Sigmoid"),
+        r"hidden layer 1 \(model\[0\]\) is not followed by an activation: model\[1\] is Hardswish"),
     "too shallow": (dict(model=mlp((5, 6, 2))), r"model has 1 hidden layer\(s\); linearising "
                                                 r"needs at least 2"),
     "not a Sequential": (dict(model=nn.Linear(5, 2)), r"model must be an nn.Sequential MLP"),
