@@ -145,7 +145,8 @@ def plot_singular_value_decay(singular_values: dict, ax=None, *, title: str = ""
     fig, ax = _axes(ax, figsize=(6, 4.2))
     for name, s in singular_values.items():
         s = s.detach().cpu().numpy()
-        ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-17), lw=1.2, label=name)
+        ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-17), lw=1.2, label=name,
+                    marker="o" if len(s) < 30 else None, ms=3)  # short spectra stay visible
     ax.set(xlabel="index i", ylabel="s_i / s_1", title=title)
     ax.legend(fontsize=8)
     return fig

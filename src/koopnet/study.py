@@ -60,8 +60,11 @@ class StudyConfig:
     """Grids of the study. Every choice is made on validation accuracy."""
 
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
-    ranks: list = dataclasses.field(default_factory=lambda: [None, 0.999])
-    tikhonovs: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1e-6, 1e-4])
+    # the same grid for every observable; as wide as the main sweep's where it matters (a
+    # narrower one cost delay DMD up to 25 points on layer 1)
+    ranks: list = dataclasses.field(default_factory=lambda: [None, 0, 0.999, 0.99])
+    tikhonovs: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1e-4, 1e-2])
+    constants: list[bool] = dataclasses.field(default_factory=lambda: [False, True])
     poly_max_features: int = 200
     rff_features: int = 200
     rff_scale: float = 2.0
@@ -74,17 +77,18 @@ class StudyConfig:
     grid_points: int = 200
 
 
-def make_observable(name: str, h: int, config: StudyConfig, seed: int = 0):
+def make_observable(name: str, h: int, config: StudyConfig, seed: int = 0,
+                    constant: bool = True):
     """The dictionary ``name`` on the delay vector of h delays (identity: no delays)."""
     if name == "delay":
-        return TimeDelay(h, constant=True)
+        return TimeDelay(h, constant=constant)
     if name == "identity":
-        return TimeDelay(0, constant=True)
+        return TimeDelay(0, constant=constant)
     if name == "polynomial":
-        return Polynomial(2, h, max_features=config.poly_max_features, constant=True)
+        return Polynomial(2, h, max_features=config.poly_max_features, constant=constant)
     if name in ("rbf", "rbf, fitted read-out"):
         return RandomFourier(config.rff_features, h, scale=config.rff_scale, seed=seed,
-                             constant=True, include_state=name == "rbf")
+                             constant=constant, include_state=name == "rbf")
     raise ValueError(f"observable={name!r} is unknown; use one of {OBSERVABLES}.")
 
 
@@ -95,45 +99,55 @@ def _accuracies(hybrid: KoopmanHybrid, states: dict, labels: dict) -> dict:
 
 
 def fit_observable(name: str, h: int, train_states: torch.Tensor, config: StudyConfig,
-                   seed: int = 0):
+                   seed: int = 0, constant: bool = True):
     """Fit the dictionary and the Gram statistics of its within-trajectory training pairs."""
-    observable = make_observable(name, h, config, seed)
+    observable = make_observable(name, h, config, seed, constant)
     start = h if name == "identity" else 0  # plain DMD rolls out from s_h
     lifted = observable.fit_transform(train_states[:, start:])  # [B, T', D]
     return observable, PairStatistics.from_pairs(*snapshot_pairs(lifted))
 
 
 def compare_layer(scaled, train_states, states, labels, delays, config: StudyConfig,
-                  seed: int = 0) -> tuple[list[dict], dict]:
+                  seed: int = 0, exact_rollout: bool = False) -> tuple[list[dict], dict]:
     """Best validation row for every (observable, h); also returns the fitted (observable, DMD)
-    of each row, keyed by (observable, h)."""
+    of each row, keyed by (observable, h). ``exact_rollout`` as in the protocol's DMD (the clean
+    protocol's within-trajectory pairs need it; see ``koopnet.dmd.DMD``)."""
     rows, fits = [], {}
-    for name in OBSERVABLES:
-        for h in delays:
-            observable, stats = fit_observable(name, h, train_states, config, seed)
-            best = None
+    for name, h in ((name, h) for name in OBSERVABLES for h in delays):
+        best = None
+        for constant in config.constants:
+            observable, stats = fit_observable(name, h, train_states, config, seed, constant)
+            first = h - observable.n_delays  # identity: lift s_h only
+            lifted = {k: observable.transform(v[:, first:h + 1])[:, -1].to(torch.float64)
+                      for k, v in states.items()}  # [B, D], lifted once per dictionary
             for rank in config.ranks:
                 for tikhonov in config.tikhonovs:
                     try:
-                        dmd = DMD(rank, tikhonov=tikhonov).fit_statistics(stats)
+                        dmd = DMD(rank, tikhonov=tikhonov,
+                                  exact_rollout=exact_rollout).fit_statistics(stats)
                     except ValueError as err:
                         log.info("skipping %s h=%d rank=%s: %s", name, h, rank, err)
                         continue
-                    hybrid = KoopmanHybrid(scaled, observable, dmd,
-                                           n_blocks=h if name == "identity" else None)
+                    hybrid = KoopmanHybrid(scaled, observable, dmd, n_blocks=h)
                     row = {"layer": scaled.layer, "observable": name, "n_delays": h,
-                           "rank": rank, "rank_resolved": dmd.rank_, "tikhonov": tikhonov,
+                           "constant": constant, "rank": rank, "rank_resolved": dmd.rank_,
+                           "tikhonov": tikhonov,
                            "lifted_dimension": observable.n_output_features_,
                            "linear_steps": hybrid.linear_steps,
                            "nonlinear_blocks": hybrid.nonlinear_blocks,
                            "replacement_parameters": hybrid.n_replacement_parameters,
-                           "seed": seed, **_accuracies(hybrid, states, labels)}
+                           "seed": seed}
+                    with torch.no_grad():
+                        for k, g in lifted.items():  # = hybrid.forward_states(states[k])
+                            logits = hybrid.tail((g @ hybrid.linear_map.T).float())
+                            row[f"{k}_accuracy"] = float((logits.argmax(1) == labels[k])
+                                                         .float().mean())
                     key = (row["val_accuracy"], -row["rank_resolved"])
                     if best is None or key > best[0]:
                         best = (key, row, (observable, dmd))
-            if best is not None:
-                rows.append(best[1])
-                fits[(name, h)] = best[2]
+        if best is not None:
+            rows.append(best[1])
+            fits[(name, h)] = best[2]
     return rows, fits
 
 
@@ -171,9 +185,10 @@ def layer_ablations(config, study: StudyConfig, model, scaled, scaled_init: str,
                     sweep_rows: list[dict], seed: int) -> list[dict]:
     """The ablation rows of one layer; the N=10 He row reuses the main run's sweep."""
     layer = scaled.layer
-    grid = {"rank": study.ranks, "tikhonov": study.tikhonovs, "constant": [True]}
+    grid = {"rank": study.ranks, "tikhonov": study.tikhonovs, "constant": study.constants}
     small = dataclasses.replace(config, ranks=study.ranks, tikhonovs=study.tikhonovs,
-                                constants=[True], delays=list(range(max(study.inserted) + 1)))
+                                constants=study.constants,
+                                delays=list(range(max(study.inserted) + 1)))
     main = _best(sweep_rows, **grid)
     rows = [_ablation("scaling init", layer, f"{scaled_init} (main run)", main, seed)]
     variants = [("scaling init", "identity", 10, "near-identity")]
@@ -201,7 +216,7 @@ def layer_ablations(config, study: StudyConfig, model, scaled, scaled_init: str,
 
 def _window_ablation(config, scaled, data, seed: int) -> list[dict]:
     """Paper-style DMD (full rank, no constant) fitted on windows inside each trajectory vs the
-    concatenated series; h chosen on validation for both."""
+    concatenated series; h chosen on validation for both, same roll-out as the protocol."""
     train = collect_trajectories(scaled, data.trajectories.X)
     sets = {"val": data.val, "test": data.test}
     states = {k: collect_trajectories(scaled, v.X).states for k, v in sets.items()}
@@ -212,7 +227,8 @@ def _window_ablation(config, scaled, data, seed: int) -> list[dict]:
         candidates = []
         for h in config.delays:
             observable = TimeDelay(h).fit(train.states)
-            dmd = DMD(None).fit_pairs(*snapshot_pairs(observable.transform(series)))
+            dmd = DMD(None, exact_rollout=getattr(config, "exact_rollout", False))
+            dmd.fit_pairs(*snapshot_pairs(observable.transform(series)))
             hybrid = KoopmanHybrid(scaled, observable, dmd)
             candidates.append({"n_delays": h, "linear_steps": hybrid.linear_steps,
                                "rank_resolved": dmd.rank_, **_accuracies(hybrid, states, labels)})
@@ -313,7 +329,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
                       for k, s in (("val", data.val), ("test", data.test))}
             labels = {"val": data.val.y, "test": data.test.y}
             rows, fits = compare_layer(scaled, train_states, states, labels, config.delays,
-                                       study, seed)
+                                       study, seed, getattr(config, "exact_rollout", False))
             comparison += rows
             fits_by_layer[layer] = (rows, fits)
             delay_best = select([r for r in rows if r["observable"] == "delay"])
