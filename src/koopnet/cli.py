@@ -174,6 +174,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common(parser: argparse.ArgumentParser, *, seed: bool = True, data_dir: bool = True,
+                pdf: bool = False) -> None:
+    """Options every writing command shares, spelled the same everywhere."""
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+    if data_dir:
+        parser.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    if pdf:
+        parser.add_argument("--pdf", action="store_true", help="also write PDF figures")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+
+
 def _add_stage_parsers(sub) -> None:
     """``koopnet train`` and ``koopnet scale``: the first two stages on saved artifacts."""
     train = sub.add_parser("train", help="stage 1: train an MLP -> model.safetensors/json")
@@ -184,15 +198,12 @@ def _add_stage_parsers(sub) -> None:
     train.add_argument("--widths", type=_widths, help="e.g. 2,8,6,4,3,2 (default: the data "
                                                       "set's paper architecture)")
     train.add_argument("--activation", default="relu",
-                       help="relu, tanh, gelu, elu, leaky_relu or identity")
+                       help="relu, tanh, gelu, elu, leaky_relu, sigmoid, silu, softplus "
+                            "or identity")
     train.add_argument("--epochs", type=int, help="default: the data set's recipe")
     train.add_argument("--lr", type=float, help="default: the data set's recipe")
     train.add_argument("--batch-size", type=int, help="default: the data set's recipe")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
-    train.add_argument("--out", required=True, help="output folder (refused if not empty)")
-    train.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    train.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_common(train)
     train.set_defaults(func=cmd_train)
 
     scale = sub.add_parser("scale", help="stage 2: insert and train width-preserving blocks "
@@ -211,11 +222,7 @@ def _add_stage_parsers(sub) -> None:
     scale.add_argument("--n-inserted", type=int, default=10, help="inserted blocks N (T = N+2)")
     scale.add_argument("--init", choices=("he", "identity"), default="he")
     scale.add_argument("--epochs", type=int, help="scaling epochs (default 1000)")
-    scale.add_argument("--seed", type=int, default=0)
-    scale.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
-    scale.add_argument("--out", required=True, help="output folder (refused if not empty)")
-    scale.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    scale.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_common(scale)
     scale.set_defaults(func=cmd_scale)
 
 
@@ -226,14 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("reproduce", help="run the paper's experiment end to end")
     rep.add_argument("dataset", help="yinyang, yinyang3, mnist or idx:PATH")
-    rep.add_argument("--out", required=True, help="output folder (refused if not empty)")
     rep.add_argument("--protocol", choices=["clean", "paper"], default="clean")
-    rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--quick", action="store_true", help="tiny smoke-test version")
-    rep.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
-    rep.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    rep.add_argument("--pdf", action="store_true", help="also write PDF figures")
-    rep.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_common(rep, pdf=True)
     rep.set_defaults(func=cmd_reproduce)
 
     report = sub.add_parser("report", help="re-render report.md from a run folder")
@@ -243,13 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="observables, baselines, ablations, spectra and "
                                          "figures over several seeds (Yin-Yang)")
     study.add_argument("dataset", help="yinyang")
-    study.add_argument("--out", required=True, help="output folder (refused if not empty)")
     study.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
-    study.add_argument("--seed", type=int, default=0, help="first seed")
     study.add_argument("--quick", action="store_true", help="tiny smoke-test version")
-    study.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    study.add_argument("--pdf", action="store_true", help="also write PDF figures")
-    study.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_common(study, data_dir=False, pdf=True)
     study.set_defaults(func=cmd_study)
 
     _add_stage_parsers(sub)
@@ -267,10 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="score on this data instead of the recorded data set's "
                                          "val/test splits (.npy, .safetensors or a name)")
     evaluate.add_argument("--labels", help=".npy class indices for --data")
-    evaluate.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
-    evaluate.add_argument("--out", required=True, help="output folder (refused if not empty)")
-    evaluate.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    evaluate.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_common(evaluate, seed=False)
     evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
