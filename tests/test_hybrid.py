@@ -30,10 +30,23 @@ def test_linear_network_is_reproduced_exactly(n_inserted, n_delays):
         pytest.skip("time-varying linear steps are not one linear operator")
     dmd = DMD().fit(observable.transform(trajectories.states))
     hybrid = KoopmanHybrid(scaled, observable, dmd)
-    # Float32 network vs float64 operator: agreement to float32 rounding of logits ~O(1).
+    # Float32 network, map fitted in float64 and applied in float32: float32 rounding only.
     assert torch.allclose(hybrid(X), scaled(X), atol=1e-5)
     assert hybrid.linear_steps == n_inserted + 1 - n_delays
     assert hybrid.nonlinear_blocks == n_delays
+
+
+def test_map_precision_follows_the_network_unless_asked(tiny_mlp):
+    model, X, y = tiny_mlp
+    scaled, _ = scale_layer(model, 2, X, y, n_inserted=10, config=NO_TRAINING, init="identity")
+    trajectories = collect_trajectories(scaled, X)
+    observable = TimeDelay(3).fit(trajectories.states)
+    dmd = DMD(rank=0.999).fit(observable.transform(trajectories.states))
+    single = KoopmanHybrid(scaled, observable, dmd)
+    double = KoopmanHybrid(scaled, observable, dmd, compute_dtype=torch.float64)
+    assert single.linear_map.dtype == torch.float64  # stored as fitted
+    assert torch.allclose(single(X), double(X), atol=1e-5)
+    assert single(X).dtype == double(X).dtype == X.dtype
 
 
 def test_forward_states_equals_forward(tiny_mlp):
