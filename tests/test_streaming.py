@@ -2,8 +2,9 @@
 
 What one pass over the data serves (``TrajectoryMoments``): every n_delays <= T-2, every rank
 (int, energy fraction, optimal threshold, full) and every Tikhonov value, with or without the
-constant observable. The concatenated-series protocol (``series_statistics``) serves one
-n_delays per pass, and every rank and Tikhonov value.
+constant observable. The concatenated-series protocol: ``series_statistics`` (sharded CLI fit)
+serves one n_delays per pass; ``SeriesMoments`` (lag moments of the in-order series) serves every
+n_delays <= max_delays, and ``fit_series`` gives the same operator as the SVD of the pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from koopnet.distributed import all_reduce_statistics, shard_indices
 from koopnet.dmd import DMD, PairStatistics
 from koopnet.fitting import fit_file, parse_rank, series_statistics, trajectory_moments
 from koopnet.observables import TimeDelay, snapshot_pairs
-from koopnet.streaming import TrajectoryMoments
+from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series
 
 B, T, W = 300, 6, 4
 
@@ -168,3 +169,47 @@ def test_two_process_gloo_fit_equals_single_process(tmp_path):
         assert torch.allclose(V @ A @ V.T, single.transition(1), rtol=0, atol=1e-10)
         eig = torch.complex(tensors["eigenvalues_real"], tensors["eigenvalues_imag"])
         assert match_eigenvalues(single.eigenvalues_, eig) < 1e-10
+
+
+@pytest.mark.parametrize("chunks", [[40], [1, 5, 34], [1] * 40])
+def test_series_moments_give_every_delay_of_the_concatenated_series(chunks):
+    series = random_states(3, b=8, t=5).reshape(-1, W)  # [40, W]
+    moments = SeriesMoments(W, max_delays=6)
+    for rows in series.split(chunks):
+        moments.update(rows)
+    for h in (0, 1, 4, 6):  # h = 6 > T: windows span two samples
+        for constant in (False, True):
+            ref = PairStatistics.from_pairs(*direct_pairs(series[None], h, constant))
+            got = moments.pair_statistics(h, constant=constant)
+            assert got.n_pairs == ref.n_pairs == len(series) - 1 - h
+            for name in ("xx", "yx", "yy"):
+                assert torch.allclose(getattr(got, name), getattr(ref, name), atol=1e-10)
+
+
+def test_series_moments_refuse_more_delays_than_built_for():
+    moments = SeriesMoments(W, max_delays=2).update(torch.randn(10, W))
+    with pytest.raises(ValueError, match="n_delays=3 exceeds max_delays=2"):
+        moments.pair_statistics(3)
+    with pytest.raises(ValueError, match="rows have width 5; expected 4"):
+        moments.update(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("rank", [None, 7, 0.99])
+def test_fit_series_gram_route_equals_the_svd_route(rank):
+    series = random_states(4).reshape(-1, W)  # 1800 rows, D = 4 * 3: the Gram route
+    moments = SeriesMoments(W, max_delays=2).update(series)
+    gram = fit_series(DMD(rank), series, 2, moments=moments)
+    svd = fit_series(DMD(rank), series, 2)
+    assert gram.rank_ == svd.rank_
+    assert match_eigenvalues(svd.eigenvalues_, gram.eigenvalues_) < 1e-8
+    assert torch.allclose(gram.transition(3), svd.transition(3), atol=1e-8)
+
+
+def test_fit_series_uses_the_svd_where_the_gram_floor_would_cut_the_rank():
+    series = random_states(5).reshape(-1, W)
+    noise = torch.randn(len(series), generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    series[:, 3] = series[:, 1] + 1e-9 * noise  # a direction at ~1e-10 S_max: below the
+    moments = SeriesMoments(W, max_delays=1).update(series)  # Gram floor sqrt(D eps) ~ 4e-8
+    dmd = fit_series(DMD(), series, 1, moments=moments)
+    assert dmd.rank_ == 2 * W == fit_series(DMD(), series, 1).rank_

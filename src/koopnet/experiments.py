@@ -45,10 +45,10 @@ from koopnet.models import (
     build_mlp,
     train_classifier,
 )
-from koopnet.observables import TimeDelay, snapshot_pairs
+from koopnet.observables import TimeDelay
 from koopnet.scaling import MNIST_SCALING, YINYANG_SCALING, ScaledMLP, scale_layer
-from koopnet.streaming import TrajectoryMoments
-from koopnet.trajectories import Trajectories, collect_trajectories
+from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series
+from koopnet.trajectories import collect_trajectories
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -284,26 +284,30 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     grid = [(m, h, c) for m in counts for h in config.delays for c in config.constants
             if h <= train.n_states - 2]
     bar = tqdm(grid, desc=f"DMD sweep layer {scaled.layer}", disable=not progress, leave=False)
-    moments = None
+    moments, series = None, {}
     if config.protocol == "clean":
         moments = TrajectoryMoments(train.n_states, train.states.shape[2])
         for start in range(0, len(train), 8192):
             moments.update(train.states[start:start + 8192])
+    else:  # the paper's one concatenated series per M; lag moments serve every h
+        for m in counts:
+            flat = train.subset(slice(0, m)).concatenated()[0]  # [m*T, W]
+            series[m] = (flat, SeriesMoments(flat.shape[1], max(config.delays)).update(flat))
     for m, h, constant in bar:
         observable = TimeDelay(h, constant=constant).fit(train.states)
         if moments is not None:
             source = moments.pair_statistics(h, constant=constant)
-        else:
-            source = _paper_pairs(train.subset(slice(0, m)), observable)
         for rank in config.ranks:
             for tikhonov in config.tikhonovs:
-                dmd = DMD(rank if moments is not None else _paper_rank(rank, source[0]),
-                          tikhonov=tikhonov, exact_rollout=config.exact_rollout)
+                asked = rank if moments is not None else _paper_rank(
+                    rank, (len(series[m][0]) - 1 - h, observable.n_output_features_))
+                dmd = DMD(asked, tikhonov=tikhonov, exact_rollout=config.exact_rollout)
                 try:
                     if moments is not None:
                         dmd.fit_statistics(source)
                     else:
-                        dmd.fit_pairs(*source)
+                        fit_series(dmd, series[m][0], h, constant=constant,
+                                   moments=series[m][1])
                 except ValueError as err:
                     log.info("skipping layer %d h=%d rank=%s: %s", scaled.layer, h, rank, err)
                     continue
@@ -320,19 +324,13 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     return rows, fits
 
 
-def _paper_rank(rank, X: torch.Tensor):
+def _paper_rank(rank, shape: tuple[int, int]):
     """The paper's EDMD (PyDMD) clips an integer ``svd_rank`` to min(pairs, D) without a word;
     so does the paper protocol, so the M=1 and M=10 rows of its rank-500 grid exist. The clipped
     value shows in ``rank_resolved``; the clean protocol keeps ``resolve_rank``'s error."""
     if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
-        return min(rank, *X.shape)
+        return min(rank, *shape)
     return rank
-
-
-def _paper_pairs(train: Trajectories, observable: TimeDelay):
-    """The paper's pairs: one concatenated series, so windows straddle neighbouring samples."""
-    lifted = observable.transform(train.concatenated())  # [1, M*T - h, D]
-    return snapshot_pairs(lifted)
 
 
 def select(rows: list[dict]) -> dict:
