@@ -235,6 +235,25 @@ def run_json(cmd: list[str], spec: dict, tmp: Path, tag: str) -> dict:
     return json.loads(out_path.read_text())
 
 
+def pykoopman_predictions(train, test, n_delays: int, rank, dtype: str = "float64"):
+    """The paper's pipeline (PyKoopman TimeDelay + EDMD(svd_rank=rank) + per-sample simulate)
+    on trajectories train [M, T, W] and test [n, >= h+1, W] (numpy). Returns s_T-1 [n, W]."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "train.npy", train, allow_pickle=False)
+        np.save(tmp / "test.npy", test, allow_pickle=False)
+        spec = {"library": "pykoopman", "pred_prefix": str(tmp / "pred"),
+                "data": {"0": {"train": str(tmp / "train.npy"), "test": str(tmp / "test.npy"),
+                               "out_width": train.shape[2]}},
+                "cells": [{"layer": 0, "n_traj": len(train), "n_delays": n_delays, "rank": rank,
+                           "n_eval": len(test), "dtype": dtype}]}
+        worker = [str(ensure_peer_venv()), str(HERE / "peer_worker.py")]
+        (cell,) = run_json(worker, spec, tmp, "pykoopman")["cells"]
+        return np.load(cell["predictions"], allow_pickle=False)
+
+
 def koopnet_cmd(kind: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--worker", kind]
 

@@ -24,7 +24,8 @@ def run_pykoopman(train, test, cell, out_width):
     import pykoopman as pk
 
     h, rank = cell["n_delays"], cell["rank"]
-    series = train[: cell["n_traj"]].reshape(-1, train.shape[2]).astype(np.float64)
+    dtype = cell.get("dtype", "float64")  # float32: as the paper's notebooks fed it
+    series = train[: cell["n_traj"]].reshape(-1, train.shape[2]).astype(dtype)
     t0 = time.perf_counter()
     model = pk.Koopman(observables=pk.observables.TimeDelay(delay=1, n_delays=h),
                        regressor=pk.regression.EDMD(svd_rank=rank))
@@ -34,7 +35,7 @@ def run_pykoopman(train, test, cell, out_width):
     preds = np.empty((cell["n_eval"], out_width))
     t0 = time.perf_counter()
     for b in range(cell["n_eval"]):  # the paper's per-sample loop (koopman_inference.py)
-        y = model.simulate(test[b, : h + 1].astype(np.float64), n_steps=n_steps)
+        y = model.simulate(test[b, : h + 1].astype(dtype), n_steps=n_steps)
         preds[b] = np.real(y[-1])[:out_width]
     eval_s = time.perf_counter() - t0
     eig = np.linalg.eigvals(model.A)
