@@ -57,4 +57,8 @@ def test_paper_protocol_quick(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["protocol"] == "paper" and "held_out_accuracy" in results["selected"]
     assert {row["trajectories"] for row in results["sweep"]} == {5000}
-    assert "Protocol **paper**" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "Protocol **paper**" in report
+    saved = next(r for r in results["sweep"] if (r["layer"], r["n_delays"]) == (1, 10))
+    assert (f"| hybrid, layer 1, M=5000, h=10, full rank (the paper's saved run) | "
+            f"{100 * saved['test_accuracy']:.2f} | 91.20 |") in report

@@ -64,6 +64,32 @@ def paper_grid_section(results: dict) -> list[str]:
     return [*lines, *_table(header, rows)]
 
 
+def paper_yinyang_section(results: dict) -> list[str]:
+    """Yin-Yang, paper protocol: our numbers next to the paper's three; empty for other runs."""
+    from koopnet.paper import PAPER_YINYANG
+
+    if results.get("dataset") != "yinyang" or results.get("protocol") != "paper":
+        return []
+    saved = [r for r in results["sweep"]
+             if (r["layer"], r["trajectories"], r["n_delays"]) == (1, 5000, 10)]
+    rows = [["original network", _pct(results["original"]["test_accuracy"]),
+             _pct(PAPER_YINYANG["original"])]]
+    if saved:
+        rows.append(["hybrid, layer 1, M=5000, h=10, full rank (the paper's saved run)",
+                     _pct(saved[0]["test_accuracy"]), _pct(PAPER_YINYANG["saved_hybrid_layer1"])])
+    if results.get("selected"):
+        best = results["selected"]
+        rows.append([f"best hybrid (layer {best['layer']}, {_setting(best)})",
+                     _pct(results["selected"]["test_accuracy"]),
+                     _pct(PAPER_YINYANG["best_hybrid"])])
+    return ["## Ours vs the paper", "",
+            "Test accuracy (%) on the paper's 4k test set. The paper reports one training run; "
+            "between seeds the layer-1 hybrid moves by several points, so compare with the "
+            "spread over seeds of `benchmarks/yinyang_paper_seeds.py` "
+            "(`benchmarks/results/yinyang_paper_seeds.md`), not with one run.", "",
+            *_table(["quantity", "ours", "paper"], rows), ""]
+
+
 def render_report(results: dict, figures: list[str] | None = None) -> str:
     """Markdown for one run. Accuracies are percentages in the tables."""
     protocol = results["protocol"]
@@ -120,6 +146,7 @@ def render_report(results: dict, figures: list[str] | None = None) -> str:
         lines += [f"**{metric.replace('_', ' ')} (%)**", "", *_table(header, rows)]
 
     lines += paper_grid_section(results)
+    lines += paper_yinyang_section(results)
     lines += render_study(results)
     embedded = {Path(f).name for f in results.get("study", {}).get("figures", [])}
     for figure in figures or []:
