@@ -73,9 +73,10 @@ def test_paper_protocol_on_idx_uses_raw_pixels_and_clips_rank(tiny_idx):
 
 
 def test_paper_rank_clips_ints_only():
-    X = torch.zeros(11, 65)
-    assert _paper_rank(500, X) == 11 and _paper_rank(5, X) == 5
-    assert _paper_rank(None, X) is None and _paper_rank(0.99, X) == 0.99 and _paper_rank(0, X) == 0
+    shape = (11, 65)  # (pairs, lifted dimension)
+    assert _paper_rank(500, shape) == 11 and _paper_rank(5, shape) == 5
+    assert _paper_rank(None, shape) is None and _paper_rank(0.99, shape) == 0.99
+    assert _paper_rank(0, shape) == 0
 
 
 def test_paper_grid_is_the_published_table():
