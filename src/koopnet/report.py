@@ -85,7 +85,7 @@ def paper_yinyang_section(results: dict) -> list[str]:
     return ["## Ours vs the paper", "",
             "Test accuracy (%) on the paper's 4k test set. The paper reports one training run; "
             "between seeds the layer-1 hybrid moves by several points, so compare with the "
-            "spread over seeds of `benchmarks/yinyang_paper_seeds.py` "
+            "spread over seeds of `benchmarks/paper_seeds.py --dataset yinyang` "
             "(`benchmarks/results/yinyang_paper_seeds.md`), not with one run.", "",
             *_table(["quantity", "ours", "paper"], rows), ""]
 
