@@ -60,7 +60,9 @@ def paper_grid_section(results: dict) -> list[str]:
                   f"{_pct(ours[headline]['test_accuracy'])}% vs the paper's "
                   f"{_pct(PAPER_MNIST_GRID[headline])}%; original network ours "
                   f"{_pct(results['original']['test_accuracy'])}% vs "
-                  f"{_pct(PAPER_MNIST['original'])}%.", ""]
+                  f"{_pct(PAPER_MNIST['original'])}%. Both sides are single training runs; "
+                  "`benchmarks/paper_seeds.py --dataset mnist` gives this cell's spread over "
+                  "seeds.", ""]
     return [*lines, *_table(header, rows)]
 
 
