@@ -101,12 +101,14 @@ def koopnet_grid_worker(spec: dict) -> dict:
     from koopnet.streaming import SeriesMoments, fit_series
 
     baseline = peak_rss_mib()
-    results, moments = [], {}
+    results, moments, arrays = [], {}, {}
     max_delays = max(cell["n_delays"] for cell in spec["cells"])
     for cell in spec["cells"]:
         data = spec["data"][str(cell["layer"])]
-        train = torch.from_numpy(np.load(data["train"], allow_pickle=False))
-        test = torch.from_numpy(np.load(data["test"], allow_pickle=False))
+        if cell["layer"] not in arrays:  # each layer's files are read once
+            arrays[cell["layer"]] = [torch.from_numpy(np.load(data[k], allow_pickle=False))
+                                     for k in ("train", "test")]
+        train, test = arrays[cell["layer"]]
         h, n_eval = cell["n_delays"], cell["n_eval"]
         t0 = time.perf_counter()
         series = train[: cell["n_traj"]].reshape(-1, train.shape[2]).double()  # [M*T, W]

@@ -22,10 +22,15 @@ from bench_dmd import pykoopman_predictions
 
 from koopnet.artifacts import atomic_write_text, write_json
 from koopnet.dmd import DMD
-from koopnet.experiments import default_config, environment, load_protocol_data, train_base
+from koopnet.experiments import (
+    default_config,
+    environment,
+    load_protocol_data,
+    scale_for_protocol,
+    train_base,
+)
 from koopnet.models import accuracy
 from koopnet.observables import TimeDelay, snapshot_pairs
-from koopnet.scaling import scale_layer
 from koopnet.trajectories import collect_trajectories
 
 HERE = Path(__file__).resolve().parent
@@ -47,10 +52,7 @@ def main() -> None:
     config.data_dir = args.data_dir
     data = load_protocol_data(config)
     model = train_base(config, data, progress=False)
-    scaled, report = scale_layer(model, args.layer, data.scaling.X, data.scaling.y,
-                                 n_inserted=config.n_inserted, init=config.init,
-                                 config=config.scaling, seed=config.seed + args.layer,
-                                 retries=config.scaling_retries, fallback_identity=False)
+    scaled, report = scale_for_protocol(config, model, data, args.layer)
     train = collect_trajectories(scaled, data.trajectories.X[: args.trajectories]).states
     test = collect_trajectories(scaled, data.test.X).states
     h, labels = args.n_delays, data.test.y

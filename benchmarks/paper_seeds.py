@@ -31,11 +31,11 @@ from koopnet.experiments import (
     default_config,
     environment,
     load_protocol_data,
+    scale_for_protocol,
     sweep_layer,
     train_base,
 )
 from koopnet.models import accuracy
-from koopnet.scaling import scale_layer
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
@@ -69,10 +69,7 @@ def run_seed(args: argparse.Namespace, seed: int, peer_check: bool = False) -> d
     config.delays, config.trajectory_counts = [args.n_delays], [args.trajectories]
     data = load_protocol_data(config)
     model = train_base(config, data, progress=False)
-    scaled, report = scale_layer(model, args.layer, data.scaling.X, data.scaling.y,
-                                 n_inserted=config.n_inserted, init=config.init,
-                                 config=config.scaling, seed=config.seed + args.layer,
-                                 retries=config.scaling_retries, fallback_identity=False)
+    scaled, report = scale_for_protocol(config, model, data, args.layer)
     (row,), _ = sweep_layer(config, scaled, data, progress=False)
     out = {"seed": seed, "original_test": accuracy(model, data.test.X, data.test.y),
            "scaled_test": accuracy(scaled, data.test.X, data.test.y),

@@ -24,6 +24,27 @@ def mnist_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def interrupt_on_replace(monkeypatch):
+    """``arm(n)``: the n-th ``os.replace`` in koopnet.artifacts raises KeyboardInterrupt, as a
+    Ctrl-C between writing a temporary file and renaming it would. ``monkeypatch.undo()``
+    disarms it."""
+    from koopnet import artifacts
+
+    def arm(on_call: int) -> None:
+        real_replace, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == on_call:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(artifacts.os, "replace", replace)
+
+    return arm
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test starts from the same torch state, so results never depend on test order."""

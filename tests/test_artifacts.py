@@ -166,19 +166,12 @@ def test_bad_inputs_to_save(tmp_path):
 
 
 @pytest.mark.parametrize("fail_on_call", [1, 2])
-def test_interrupted_save_keeps_previous_artifact(saved, monkeypatch, fail_on_call):
+def test_interrupted_save_keeps_previous_artifact(saved, monkeypatch, interrupt_on_replace,
+                                                  fail_on_call):
     """Ctrl-C on the tensor rename (1) leaves the old pair; on the JSON rename (2) the new tensor
     file sits beside the old JSON, which the hash check refuses instead of loading mixed data."""
     before = (saved / "dmd.json").read_bytes(), (saved / "dmd.safetensors").read_bytes()
-    real_replace, calls = os.replace, []
-
-    def interrupted_replace(src, dst):
-        calls.append(dst)
-        if len(calls) == fail_on_call:
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(artifacts.os, "replace", interrupted_replace)
+    interrupt_on_replace(fail_on_call)
     with pytest.raises(KeyboardInterrupt):
         save_artifact(saved, "dmd", {"operator": torch.ones(100)}, {"rank": 9}, kind="dmd")
     monkeypatch.undo()

@@ -8,7 +8,6 @@ and the delay / rank limits over random sizes.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import koopnet
-from koopnet import artifacts
 from koopnet.api import _check_rank, fit_hybrid, linearize, save_model
 from koopnet.artifacts import ArtifactError
 from koopnet.cli import main
@@ -307,25 +305,13 @@ def test_train_needs_matching_widths(capsys, tmp_path):
 # Ctrl-C in the middle of a stage
 
 
-def interrupt_on_replace(monkeypatch, on_call: int) -> None:
-    real_replace, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == on_call:
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(artifacts.os, "replace", replace)
-
-
-def test_ctrl_c_during_a_forced_rewrite_keeps_the_earlier_artifact(capsys, monkeypatch,
-                                                                  user_model, scale_dir):
+def test_ctrl_c_during_a_forced_rewrite_keeps_the_earlier_artifact(
+        capsys, monkeypatch, interrupt_on_replace, user_model, scale_dir):
     before = {p.name: p.read_bytes() for p in scale_dir.iterdir()}
     probe = data(8)
     with torch.no_grad():
         reference = koopnet.load_scaled(scale_dir)(probe)
-    interrupt_on_replace(monkeypatch, on_call=1)
+    interrupt_on_replace(on_call=1)
     code = main(["--quiet", *scale_args(user_model, seed="7"), "--force"])
     monkeypatch.undo()
     assert code == 130 and "interrupted" in capsys.readouterr().err
@@ -334,10 +320,11 @@ def test_ctrl_c_during_a_forced_rewrite_keeps_the_earlier_artifact(capsys, monke
         assert torch.equal(koopnet.load_scaled(scale_dir)(probe), reference)
 
 
-def test_ctrl_c_during_the_second_save_of_fit(capsys, monkeypatch, scale_dir, tmp_path):
+def test_ctrl_c_during_the_second_save_of_fit(capsys, monkeypatch, interrupt_on_replace,
+                                              scale_dir, tmp_path):
     """fit writes dmd.* then hybrid.*; Ctrl-C on the hybrid's tensor file leaves the scale
     folder loadable and a fit folder that evaluate refuses with a clear message."""
-    interrupt_on_replace(monkeypatch, on_call=3)  # dmd: 2 renames; the 3rd is the hybrid's
+    interrupt_on_replace(on_call=3)  # dmd: 2 renames; the 3rd is the hybrid's
     code = main(["--quiet", "fit", str(scale_dir), "--n-delays", "1", "--out",
                  str(tmp_path / "fit")])
     monkeypatch.undo()

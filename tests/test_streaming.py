@@ -186,6 +186,16 @@ def test_series_moments_give_every_delay_of_the_concatenated_series(chunks):
                 assert torch.allclose(getattr(got, name), getattr(ref, name), atol=1e-10)
 
 
+def test_series_moments_reuse_the_last_statistics_until_rows_arrive():
+    series = random_states(6, b=6, t=5).reshape(-1, W)
+    moments = SeriesMoments(W, max_delays=2).update(series[:20])
+    first = moments.pair_statistics(2)
+    assert moments.pair_statistics(2) is first  # several ranks share one eigendecomposition
+    moments.update(series[20:])
+    ref = PairStatistics.from_pairs(*direct_pairs(series[None], 2))
+    assert torch.allclose(moments.pair_statistics(2).xx, ref.xx, atol=1e-10)
+
+
 def test_series_moments_refuse_more_delays_than_built_for():
     moments = SeriesMoments(W, max_delays=2).update(torch.randn(10, W))
     with pytest.raises(ValueError, match="n_delays=3 exceeds max_delays=2"):

@@ -745,8 +745,12 @@ def load_data(source: str, *, labels: str | None = None, data_dir: str | None = 
     return {"data": (X, y)}, record
 
 
-def _reload_data(record: dict, stage: str) -> dict:
-    """Load the data a previous stage recorded, refusing files that changed since."""
+def _reload_data(meta: dict, where: Path, stage: str, fix: str) -> tuple[dict, dict]:
+    """Load the data set recorded in an artifact's config (``where``, written by ``stage``),
+    refusing files that changed since. Returns (splits, record)."""
+    record = meta["config"].get("data")
+    if not isinstance(record, dict):
+        raise ArtifactError(f"'{where}' records no data set; {fix}.")
     splits, fresh = load_data(record["source"], labels=record.get("labels"),
                               data_dir=record.get("data_dir"), seed=record.get("seed", 0))
     for key, digest in record.get("sha256", {}).items():
@@ -754,7 +758,7 @@ def _reload_data(record: dict, stage: str) -> dict:
             path = record["source"] if key == "data" else record.get("labels")
             raise ArtifactError(f"'{path}' changed since the {stage} stage recorded it (sha256 "
                                 f"{digest[:12]}...); restore it or re-run `koopnet {stage}`.")
-    return splits
+    return splits, record
 
 
 def _fit_split(splits: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -850,10 +854,7 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
         parents = {"model": meta["sha256"]}
         sources = {"model": str(folder.resolve())}
         if data is None:
-            record = meta["config"].get("data")
-            if not isinstance(record, dict):
-                raise ArtifactError(f"'{folder}/model.json' records no data set; pass --data.")
-            splits = _reload_data(record, "train")
+            splits, record = _reload_data(meta, folder / "model.json", "train", "pass --data")
         else:
             splits, record = load_data(data, labels=labels, data_dir=data_dir, seed=seed)
     parents.update(record["sha256"])
@@ -887,10 +888,8 @@ def stage_fit(out, *, scale_dir, n_delays: int, rank=None, tikhonov: float = 0.0
 
     folder = _stage_folder(scale_dir, "scaled", "fit", "scale")
     scaled, meta = _load_scaled(folder, "scaled")
-    record = meta["config"].get("data")
-    if not isinstance(record, dict):
-        raise ArtifactError(f"'{folder}/scaled.json' records no data set; re-run koopnet scale.")
-    X, _ = _fit_split(_reload_data(record, "scale"))
+    splits, record = _reload_data(meta, folder / "scaled.json", "scale", "re-run koopnet scale")
+    X, _ = _fit_split(splits)
     _check_fit(scaled, X, n_delays, rank, constant, protocol)
     out = prepare_output_dir(out, force=force)
     clock = time.perf_counter()
@@ -930,10 +929,7 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
         raise ArtifactError(f"'{scale_dir}/scaled.safetensors' changed since '{folder}' was "
                             "fitted from it (hash mismatch); re-run koopnet fit.")
     if data is None:
-        record = hmeta["config"].get("data")
-        if not isinstance(record, dict):
-            raise ArtifactError(f"'{folder}/hybrid.json' records no data set; pass --data.")
-        splits = _reload_data(record, "scale")
+        splits, record = _reload_data(hmeta, folder / "hybrid.json", "scale", "pass --data")
     else:
         splits, record = load_data(data, labels=labels, data_dir=data_dir)
     if "train" in splits:

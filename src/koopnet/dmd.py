@@ -53,6 +53,12 @@ class PairStatistics:
         return PairStatistics(self.xx + other.xx, self.yx + other.yx, self.yy + other.yy,
                               self.n_pairs + other.n_pairs)
 
+    @property
+    def noise_floor(self) -> float:
+        """Relative resolution of singular values from these Grams: S^2 is exact to
+        eps * S_max^2, so S is resolvable only down to sqrt(D * eps) * S_max."""
+        return (self.xx.shape[0] * torch.finfo(self.xx.dtype).eps) ** 0.5
+
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Singular values of X (descending) and right singular vectors [D, D], cached."""
         if self._spectrum is None:
@@ -153,9 +159,7 @@ class DMD:
             raise ValueError("stats holds no snapshot pairs; feed at least one batch first.")
         s, V = stats.spectrum()
         shape = (stats.n_pairs, stats.xx.shape[0])
-        # S^2 is exact to eps * S_max^2, so S is resolvable only down to sqrt(D * eps) * S_max.
-        floor = (shape[1] * torch.finfo(stats.xx.dtype).eps) ** 0.5
-        r = self._rank(s, shape, noise_floor=floor)
+        r = self._rank(s, shape, noise_floor=stats.noise_floor)
         V = V[:, :r].to(self.dtype)
         self._finish(V, s[:r].to(self.dtype), stats.yx.to(self.dtype) @ V / s[:r], s[0], shape)
         return self

@@ -257,6 +257,17 @@ def train_base(config: ExperimentConfig, data: ProtocolData, progress: bool,
     return best
 
 
+def scale_for_protocol(config: ExperimentConfig, model: torch.nn.Sequential,
+                       data: ProtocolData, layer: int, progress: bool = False):
+    """Scale ``layer`` as the protocol does: the paper protocol keeps He-normal inserts (fresh
+    seeds on retries), the clean one falls back to the near-identity init. Returns
+    (ScaledMLP, ScalingReport)."""
+    return scale_layer(model, layer, data.scaling.X, data.scaling.y,
+                       n_inserted=config.n_inserted, init=config.init, config=config.scaling,
+                       seed=config.seed + layer, retries=config.scaling_retries,
+                       fallback_identity=config.protocol != "paper", progress=progress)
+
+
 def _evaluate(hybrid: KoopmanHybrid, states: dict[str, torch.Tensor],
               labels: dict[str, torch.Tensor]) -> dict[str, float]:
     with torch.no_grad():
@@ -364,12 +375,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> tuple[
     scaled_rows, sweep, figures = [], [], {"model": model, "layers": {}}
     for layer in config.layers:
         clock = time.perf_counter()
-        scaled, report = scale_layer(model, layer, data.scaling.X, data.scaling.y,
-                                     n_inserted=config.n_inserted, init=config.init,
-                                     config=config.scaling, seed=config.seed + layer,
-                                     retries=config.scaling_retries,
-                                     fallback_identity=config.protocol != "paper",
-                                     progress=progress)
+        scaled, report = scale_for_protocol(config, model, data, layer, progress)
         timings[f"scaling_layer{layer}"] = time.perf_counter() - clock
         scaled_rows.append({
             "layer": layer, "width": scaled.width, "out_width": scaled.out_width,

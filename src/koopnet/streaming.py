@@ -89,6 +89,7 @@ class SeriesMoments:
         self.head = torch.zeros(0, width, dtype=dtype)  # first K rows
         self.tail = torch.zeros(0, width, dtype=dtype)  # last 2K rows
         self.n_rows = 0
+        self._last: tuple[tuple[int, bool], PairStatistics] | None = None
 
     def update(self, rows: torch.Tensor) -> SeriesMoments:
         """Append the next rows of the series. Shape: rows [b, W]."""
@@ -106,6 +107,7 @@ class SeriesMoments:
         self.head = torch.cat([self.head, rows[: K - len(self.head)]])
         self.tail = torch.cat([self.tail, rows])[-2 * K:]
         self.n_rows += len(rows)
+        self._last = None
         return self
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
@@ -135,8 +137,14 @@ class SeriesMoments:
                 - self._rows(last + 1, self.n_rows).sum(0))
 
     def pair_statistics(self, n_delays: int, *, constant: bool = False) -> PairStatistics:
-        """Gram statistics of the pairs (g_r, g_{r+1}), r = h..n-2, of the whole series."""
+        """Gram statistics of the pairs (g_r, g_{r+1}), r = h..n-2, of the whole series.
+
+        The last result is kept, so fits of several ranks and Tikhonov values at one h share
+        its statistics and their cached eigendecomposition.
+        """
         h = check_int(n_delays, "n_delays", low=0)
+        if self._last is not None and self._last[0] == (h, constant):
+            return self._last[1]
         if h > self.max_delays:
             raise ValueError(f"n_delays={h} exceeds max_delays={self.max_delays} of these "
                              "moments; build them with a larger max_delays.")
@@ -156,8 +164,10 @@ class SeriesMoments:
             count = torch.tensor([[hi - lo + 1]], dtype=out.dtype)
             return torch.cat([torch.cat([out, col], 1), torch.cat([row, count], 1)], 0)
 
-        return PairStatistics(gram(x_shift, x_shift), gram(y_shift, x_shift),
-                              gram(y_shift, y_shift), hi - lo + 1)
+        stats = PairStatistics(gram(x_shift, x_shift), gram(y_shift, x_shift),
+                               gram(y_shift, y_shift), hi - lo + 1)
+        self._last = ((h, constant), stats)
+        return stats
 
 
 def fit_series(dmd: DMD, series: torch.Tensor, n_delays: int, *, constant: bool = False,
@@ -177,8 +187,7 @@ def fit_series(dmd: DMD, series: torch.Tensor, n_delays: int, *, constant: bool 
     if moments is not None and n_pairs >= dim:
         stats = moments.pair_statistics(h, constant=constant)
         singular = stats.spectrum()[0]
-        floor = (dim * torch.finfo(stats.xx.dtype).eps) ** 0.5 * singular[0]
-        usable = int((singular > floor).sum())
+        usable = int((singular > stats.noise_floor * singular[0]).sum())
         dmd.fit_statistics(stats)
         if dmd.rank_ < usable or usable == dim:
             return dmd
