@@ -58,6 +58,9 @@ def test_forward_states_equals_forward(tiny_mlp):
         dmd = DMD(rank=0.999).fit(observable.transform(trajectories.states))
         hybrid = KoopmanHybrid(scaled, observable, dmd)
         assert torch.allclose(hybrid(X), hybrid.forward_states(trajectories.states), atol=1e-6)
+        lifted = observable.transform(trajectories.states[:, :h + 1])[:, -1]  # g_h, [B, D]
+        assert torch.equal(hybrid.forward_lifted(lifted),
+                           hybrid.forward_states(trajectories.states))
         assert hybrid.linear_map.shape == (scaled.out_width, observable.n_output_features_)
         assert hybrid(X).dtype == X.dtype
 

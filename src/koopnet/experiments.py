@@ -268,7 +268,7 @@ def scale_for_protocol(config: ExperimentConfig, model: torch.nn.Sequential,
                        fallback_identity=config.protocol != "paper", progress=progress)
 
 
-def _evaluate(hybrid: KoopmanHybrid, states: dict[str, torch.Tensor],
+def score_states(hybrid: KoopmanHybrid, states: dict[str, torch.Tensor],
               labels: dict[str, torch.Tensor]) -> dict[str, float]:
     with torch.no_grad():
         return {f"{name}_accuracy": float((hybrid.forward_states(states[name]).argmax(1)
@@ -329,7 +329,7 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
                        "linear_steps": hybrid.linear_steps,
                        "nonlinear_blocks": hybrid.nonlinear_blocks,
                        "replacement_parameters": hybrid.n_replacement_parameters,
-                       **_evaluate(hybrid, states, labels)}
+                       **score_states(hybrid, states, labels)}
                 fits[len(rows)] = (dmd, hybrid)
                 rows.append(row)
     return rows, fits

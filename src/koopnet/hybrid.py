@@ -111,10 +111,16 @@ class KoopmanHybrid(nn.Module):
         Shape: states [B, k+1, W] -> logits [B, classes].
         """
         states = states[:, self.n_blocks - self.n_delays: self.n_blocks + 1]  # [B, h+1, W]
-        lifted = self.observable.transform(states)[:, -1]  # [B, D]
-        dtype = self.compute_dtype or states.dtype
+        return self.forward_lifted(self.observable.transform(states)[:, -1])  # lifted [B, D]
+
+    def forward_lifted(self, lifted: torch.Tensor) -> torch.Tensor:
+        """Logits from the lifted state g_h, e.g. lifted once and scored by many fits.
+
+        Shape: lifted [B, D] -> logits [B, classes].
+        """
+        dtype = self.compute_dtype or lifted.dtype
         predicted = lifted.to(dtype) @ self.linear_map.to(dtype).T  # [B, w']
-        return self.tail(predicted.to(states.dtype))
+        return self.tail(predicted.to(lifted.dtype))
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, n_delays={self.n_delays}, linear_steps={self.linear_steps}, "

@@ -41,6 +41,7 @@ from koopnet.experiments import (
     default_config,
     load_protocol_data,
     run_experiment,
+    score_states,
     select,
     sweep_layer,
 )
@@ -92,12 +93,6 @@ def make_observable(name: str, h: int, config: StudyConfig, seed: int = 0,
     raise ValueError(f"observable={name!r} is unknown; use one of {OBSERVABLES}.")
 
 
-def _accuracies(hybrid: KoopmanHybrid, states: dict, labels: dict) -> dict:
-    with torch.no_grad():
-        return {f"{k}_accuracy": float((hybrid.forward_states(v).argmax(1) == labels[k])
-                                       .float().mean()) for k, v in states.items()}
-
-
 def fit_observable(name: str, h: int, train_states: torch.Tensor, config: StudyConfig,
                    seed: int = 0, constant: bool = True):
     """Fit the dictionary and the Gram statistics of its within-trajectory training pairs."""
@@ -118,7 +113,7 @@ def compare_layer(scaled, train_states, states, labels, delays, config: StudyCon
         for constant in config.constants:
             observable, stats = fit_observable(name, h, train_states, config, seed, constant)
             first = h - observable.n_delays  # identity: lift s_h only
-            lifted = {k: observable.transform(v[:, first:h + 1])[:, -1].to(torch.float64)
+            lifted = {k: observable.transform(v[:, first:h + 1])[:, -1]
                       for k, v in states.items()}  # [B, D], lifted once per dictionary
             for rank in config.ranks:
                 for tikhonov in config.tikhonovs:
@@ -139,7 +134,7 @@ def compare_layer(scaled, train_states, states, labels, delays, config: StudyCon
                            "seed": seed}
                     with torch.no_grad():
                         for k, g in lifted.items():  # = hybrid.forward_states(states[k])
-                            logits = hybrid.tail((g @ hybrid.linear_map.T).float())
+                            logits = hybrid.forward_lifted(g)
                             row[f"{k}_accuracy"] = float((logits.argmax(1) == labels[k])
                                                          .float().mean())
                     key = (row["val_accuracy"], -row["rank_resolved"])
@@ -227,11 +222,11 @@ def _window_ablation(config, scaled, data, seed: int) -> list[dict]:
         candidates = []
         for h in config.delays:
             observable = TimeDelay(h).fit(train.states)
-            dmd = DMD(None, exact_rollout=getattr(config, "exact_rollout", False))
+            dmd = DMD(None, exact_rollout=config.exact_rollout)
             dmd.fit_pairs(*snapshot_pairs(observable.transform(series)))
             hybrid = KoopmanHybrid(scaled, observable, dmd)
             candidates.append({"n_delays": h, "linear_steps": hybrid.linear_steps,
-                               "rank_resolved": dmd.rank_, **_accuracies(hybrid, states, labels)})
+                               "rank_resolved": dmd.rank_, **score_states(hybrid, states, labels)})
         rows.append(_ablation("trajectory windows", scaled.layer, variant, select(candidates),
                               seed))
     return rows
@@ -243,12 +238,12 @@ def spectra(scaled, data, selected_fit, study: StudyConfig) -> dict[str, torch.T
     train = collect_trajectories(scaled, data.trajectories.X)
     held = collect_trajectories(scaled, data.val.X)
     out: dict[str, torch.Tensor] = {}
+    held_series = held.subset(slice(0, max(study.eig_trajectories))).concatenated()
     for m in study.eig_trajectories:
         for h in study.eig_delays:
             series = train.subset(slice(0, m)).concatenated()  # [1, m T, W]
             observable = TimeDelay(h).fit(series)
             dmd = DMD(None).fit_pairs(*snapshot_pairs(observable.transform(series)))
-            held_series = held.subset(slice(0, max(study.eig_trajectories))).concatenated()
             stats = PairStatistics.from_pairs(*snapshot_pairs(observable.transform(held_series)))
             out[f"layer{k}/eig/M{m}_h{h}"] = torch.view_as_real(dmd.eigenvalues_)  # [R, 2]
             out[f"layer{k}/res/M{m}_h{h}"] = resdmd_residuals(dmd, stats)  # [R]
