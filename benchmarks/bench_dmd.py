@@ -200,7 +200,7 @@ def koopnet_hybrid_worker(spec: dict) -> dict:
         for h in spec["delays"]:
             lift = TimeDelay(h).fit(train)
             dmd = DMD(min(500, lift.n_output_features_)).fit(lift.transform(train.double()))
-            hybrid = KoopmanHybrid(scaled, lift, dmd).eval()
+            hybrid = KoopmanHybrid.from_dmd(scaled, lift, dmd).eval()
             times = {"original": [], "hybrid": []}
             with torch.no_grad():
                 for _ in range(2):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from koopnet.artifacts import atomic_write_text, write_json
-from koopnet.experiments import default_config, environment, load_protocol_data, train_base
+from koopnet.io.artifacts import atomic_write_text, write_json
+from koopnet.lab.protocols import environment, load_protocol_data, train_base
+from koopnet.lab.recipes import default_config
 from koopnet.models import accuracy
 
 HERE = Path(__file__).resolve().parent

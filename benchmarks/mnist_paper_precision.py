@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from bench_dmd import pykoopman_predictions
 
-from koopnet.artifacts import atomic_write_text, write_json
 from koopnet.dmd import DMD
-from koopnet.experiments import (
+from koopnet.io.artifacts import atomic_write_text, write_json
+from koopnet.lab.protocols import (
     default_config,
     environment,
     load_protocol_data,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from koopnet.artifacts import atomic_write_text, write_json
-from koopnet.experiments import (
+from koopnet.io.artifacts import atomic_write_text, write_json
+from koopnet.lab.protocols import (
     default_config,
     environment,
     load_protocol_data,

@@ -26,10 +26,10 @@ def mnist_dir() -> Path:
 
 @pytest.fixture
 def interrupt_on_replace(monkeypatch):
-    """``arm(n)``: the n-th ``os.replace`` in koopnet.artifacts raises KeyboardInterrupt, as a
+    """``arm(n)``: the n-th ``os.replace`` in koopnet.io.artifacts raises KeyboardInterrupt, as a
     Ctrl-C between writing a temporary file and renaming it would. ``monkeypatch.undo()``
     disarms it."""
-    from koopnet import artifacts
+    from koopnet.io import artifacts
 
     def arm(on_call: int) -> None:
         real_replace, calls = os.replace, []
@@ -77,7 +77,7 @@ def tiny_mlp():
     """A trained 2-8-6-4-3-2 ReLU MLP on 600 Yin-Yang points (seconds), with its data."""
     import torch
 
-    from koopnet.datasets import make_yinyang
+    from koopnet.io.datasets import make_yinyang
     from koopnet.models import TrainConfig, build_mlp, train_classifier
 
     torch.manual_seed(1)

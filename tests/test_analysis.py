@@ -4,21 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from koopnet.analysis import (
-    hankel_right_singular_vectors,
+from koopnet.dmd import DMD, PairStatistics
+from koopnet.io.datasets import Split
+from koopnet.lab.baselines import (
     jacobian_baseline,
     reduced_rank_baseline,
-    resdmd_residuals,
     ridge_baseline,
     ridge_fit,
-    singular_value_decay,
     softmax_floor,
 )
-from koopnet.datasets import Split
-from koopnet.dmd import DMD, PairStatistics
+from koopnet.lab.recipes import YINYANG_SCALING
+from koopnet.lab.spectra import (
+    hankel_right_singular_vectors,
+    resdmd_residuals,
+    singular_value_decay,
+)
 from koopnet.models import accuracy, build_mlp
 from koopnet.observables import TimeDelay, snapshot_pairs
-from koopnet.scaling import YINYANG_SCALING, scale_layer
+from koopnet.scaling import scale_layer
 
 NO_TRAINING = dataclasses.replace(YINYANG_SCALING, epochs=1, lr=1e-12)
 
@@ -79,7 +82,7 @@ def test_softmax_floor_separates_linear_classes():
 
 
 def _residual_direct(dmd, X, Y):
-    from koopnet.analysis import left_eigenvectors
+    from koopnet.lab.spectra import left_eigenvectors
 
     lam, W = left_eigenvectors(dmd)
     X, Y = X.to(W.dtype), Y.to(W.dtype)

@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 import koopnet
-from koopnet.api import DEFAULT_SCALING
-from koopnet.artifacts import file_sha256
 from koopnet.cli import main
+from koopnet.io.artifacts import file_sha256
 from koopnet.models import TrainConfig, accuracy, build_mlp, train_classifier
+from koopnet.scaling import DEFAULT_SCALING
 
 WIDTHS = [5, 12, 12, 7, 4]  # a shape used nowhere else in the project
 SCALING = dataclasses.replace(DEFAULT_SCALING, epochs=60)  # what `--epochs 60` selects
-SETTINGS = {"layer": 2, "steps": 6, "n_delays": 3}  # layer 2: 12 -> 7, a width-changing layer
+SETTINGS = {"layer": 2, "n_inserted": 6, "n_delays": 3}  # layer 2: 12 -> 7, a width-changing layer
 
 
 def teacher_data(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +109,7 @@ def test_api_pieces_compose_to_linearize(fresh_mlp, api_hybrid):
     dmd = koopnet.DMD()
     assert dmd.fit(delay.transform(traj.states)) is dmd  # fit returns self
     assert dmd.rank_ == api_hybrid.dmd_.rank_ and dmd.operator_.shape[0] == dmd.rank_
-    hybrid = koopnet.KoopmanHybrid(scaled, delay, dmd)
+    hybrid = koopnet.KoopmanHybrid.from_dmd(scaled, delay, dmd)
     with torch.no_grad():
         assert torch.equal(hybrid(X), api_hybrid(X))
     assert koopnet.ScaledModel is koopnet.ScaledMLP

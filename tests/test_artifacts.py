@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from koopnet import artifacts
-from koopnet.artifacts import (
+from koopnet.io import artifacts
+from koopnet.io.artifacts import (
     FORMAT_VERSION,
     ArtifactError,
     atomic_write_text,
@@ -200,7 +200,7 @@ def test_interrupted_text_write_keeps_old_file(tmp_path, monkeypatch):
 _CHILD = textwrap.dedent(
     """
     import sys, torch
-    from koopnet.artifacts import save_artifact
+    from koopnet.io.artifacts import save_artifact
     folder = sys.argv[1]
     save_artifact(folder, "big", {"w": torch.zeros(3)}, {"i": 0}, kind="test")
     print("ready", flush=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from koopnet.datasets import make_yinyang, normalize_images, yinyang_class, yinyang_splits
+from koopnet.io.datasets import make_yinyang, normalize_images, yinyang_class, yinyang_splits
 
 
 @pytest.mark.parametrize(("x", "y", "expected"), [

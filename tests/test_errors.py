@@ -18,13 +18,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import koopnet
-from koopnet.api import _check_rank, fit_hybrid, linearize, save_model
-from koopnet.artifacts import ArtifactError
 from koopnet.cli import main
 from koopnet.dmd import DMD
+from koopnet.io.artifacts import ArtifactError
+from koopnet.io.serialize import save_model
+from koopnet.linearization import _check_spec, fit_hybrid, linearize
 from koopnet.models import TrainConfig, build_mlp
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
+from koopnet.spec import FitSpec
 
 TINY = TrainConfig(epochs=2, batch_size=64)
 
@@ -80,10 +82,10 @@ API_CASES = {
     "inf activations": (dict(model=exploding(), data=data() + 10),
                         r"activations of model\[0\] \(Linear\) contains .*inf values.* Rescale"),
     "delays >= trajectory length": (
-        dict(n_delays=7, steps=5),
-        r"n_delays=7 needs trajectories of at least 9 states; got T=7 \(5 inserted blocks \+ 2\)"
-        r"\. Lower n_delays to <= 5 or insert more blocks \(steps >= 7\)"),
-    "rank too large": (dict(rank=500, n_delays=2, steps=3),
+        dict(n_delays=7, n_inserted=5),
+        r"n_delays=7 needs trajectories of at least 9 states; got T=7\. Lower n_delays to <= 5 "
+        r"or insert more blocks \(n_inserted >= n_delays\)"),
+    "rank too large": (dict(rank=500, n_delays=2, n_inserted=3),
                        r"rank=500 exceeds what the data supports: min\(D=18, pairs=40\)=18\. "
                        r"Lower rank to <= 18"),
     "rank ambiguous": (dict(rank=2.0), r"rank=2.0 is ambiguous"),
@@ -93,32 +95,33 @@ API_CASES = {
                           r"data has 3 features per sample but the model's first layer expects 5"
                           r"; pass inputs of width 5"),
     "wrong data rank": (dict(data=torch.randn(5)),
-                        r"data must have 2 dimensions; got shape \(5,\)"),
+                        r"data has shape \(5,\); pass \[n_samples, n_features\]"),
     "layer out of range": (dict(layer=3), r"layer=3 is out of range: this model has 3 hidden "
                                           r"layers, so layer must be in 1\.\.2"),
     "layer zero": (dict(layer=0), r"layer=0 is out of range"),
     "layer not an int": (dict(layer=1.5), r"layer=1.5 must be an integer"),
     "no activation after layer": (
         dict(model=missing_activation()),
-        r"layer=1: hidden layer 2 \(model\[2\]\) is not followed by an activation: model\[3\] "
-        r"is Linear\. .* pick another layer"),
+        r"model\[3\] is Linear where an activation is needed after the Linear model\[2\]; "
+        r"supported activations are"),
     "unsupported activation": (
         dict(model=nn.Sequential(nn.Linear(5, 6), nn.Hardswish(), nn.Linear(6, 6), nn.ReLU(),
                                  nn.Linear(6, 2))),
-        r"hidden layer 1 \(model\[0\]\) is not followed by an activation: model\[1\] is Hardswish"),
+        r"model\[1\] is Hardswish where an activation is needed after the Linear model\[0\]"),
     "too shallow": (dict(model=mlp((5, 6, 2))), r"model has 1 hidden layer\(s\); linearising "
                                                 r"needs at least 2"),
     "not a Sequential": (dict(model=nn.Linear(5, 2)), r"model must be an nn.Sequential MLP"),
     "labels length": (dict(labels=torch.zeros(7, dtype=torch.long)),
                       r"labels has 7 entries but data has 20 samples"),
-    "negative steps": (dict(steps=-1), r"steps=-1 must be >= 0"),
+    "negative n_inserted": (dict(n_inserted=-1), r"n_inserted=-1 must be >= 0"),
 }
 
 
 @pytest.mark.parametrize("case", list(API_CASES))
 def test_linearize_rejects_bad_input(case):
     overrides, message = API_CASES[case]
-    kwargs = dict(model=mlp(), layer=1, data=data(), steps=3, n_delays=1, scaling_config=TINY)
+    kwargs = dict(model=mlp(), layer=1, data=data(), n_inserted=3, n_delays=1,
+                  scaling_config=TINY)
     kwargs.update(overrides)
     with pytest.raises((ValueError, TypeError), match=message):
         linearize(**kwargs)
@@ -136,7 +139,7 @@ def test_width_changing_insert_is_refused():
         fit_hybrid(scaled, data(), n_delays=0)
     delay = TimeDelay(0).fit(torch.zeros(1, 3, 6))
     with pytest.raises(ValueError, match=message):
-        koopnet.KoopmanHybrid(scaled, delay, DMD())
+        koopnet.KoopmanHybrid.from_dmd(scaled, delay, DMD())
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,7 +377,7 @@ def test_dmd_shapes_and_the_rank_limit(sizes, h, rank, constant):
         torch.randn(B, T, W, generator=g, dtype=torch.float64))
     D, pairs = lifted.shape[2], B * (T - 1 - h)
     try:  # the API's early check agrees with what DMD itself accepts
-        _check_rank(rank, h, W, B, T, constant, "trajectory")
+        _check_spec(FitSpec(h, rank, constant=constant), T, W, B)
         early = None
     except ValueError as err:
         early = err
@@ -399,7 +402,7 @@ def test_dmd_shapes_and_the_rank_limit(sizes, h, rank, constant):
 def test_too_few_samples_are_refused(n, width):
     message = r"data is empty" if n == 0 else r"data has 1 sample; koopnet needs at least 2"
     with pytest.raises(ValueError, match=message):
-        linearize(mlp((width, 4, 4, 2)), 1, torch.randn(n, width), steps=2, n_delays=1)
+        linearize(mlp((width, 4, 4, 2)), 1, torch.randn(n, width), n_inserted=2, n_delays=1)
 
 
 def test_save_model_refuses_unknown_modules(tmp_path):

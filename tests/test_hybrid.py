@@ -5,9 +5,10 @@ import torch
 
 from koopnet.dmd import DMD
 from koopnet.hybrid import KoopmanHybrid
+from koopnet.lab.recipes import YINYANG_SCALING
 from koopnet.models import build_mlp
 from koopnet.observables import TimeDelay
-from koopnet.scaling import YINYANG_SCALING, scale_layer
+from koopnet.scaling import scale_layer
 from koopnet.trajectories import collect_trajectories
 
 NO_TRAINING = dataclasses.replace(YINYANG_SCALING, epochs=1, lr=1e-12)
@@ -29,7 +30,7 @@ def test_linear_network_is_reproduced_exactly(n_inserted, n_delays):
     if n_delays < n_inserted:  # several different affine steps: one operator cannot do them
         pytest.skip("time-varying linear steps are not one linear operator")
     dmd = DMD().fit(observable.transform(trajectories.states))
-    hybrid = KoopmanHybrid(scaled, observable, dmd)
+    hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
     # Float32 network, map fitted in float64 and applied in float32: float32 rounding only.
     assert torch.allclose(hybrid(X), scaled(X), atol=1e-5)
     assert hybrid.linear_steps == n_inserted + 1 - n_delays
@@ -42,8 +43,8 @@ def test_map_precision_follows_the_network_unless_asked(tiny_mlp):
     trajectories = collect_trajectories(scaled, X)
     observable = TimeDelay(3).fit(trajectories.states)
     dmd = DMD(rank=0.999).fit(observable.transform(trajectories.states))
-    single = KoopmanHybrid(scaled, observable, dmd)
-    double = KoopmanHybrid(scaled, observable, dmd, compute_dtype=torch.float64)
+    single = KoopmanHybrid.from_dmd(scaled, observable, dmd)
+    double = KoopmanHybrid.from_dmd(scaled, observable, dmd, compute_dtype=torch.float64)
     assert single.linear_map.dtype == torch.float64  # stored as fitted
     assert torch.allclose(single(X), double(X), atol=1e-5)
     assert single(X).dtype == double(X).dtype == X.dtype
@@ -56,7 +57,7 @@ def test_forward_states_equals_forward(tiny_mlp):
     for h in (0, 4):
         observable = TimeDelay(h).fit(trajectories.states)
         dmd = DMD(rank=0.999).fit(observable.transform(trajectories.states))
-        hybrid = KoopmanHybrid(scaled, observable, dmd)
+        hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
         assert torch.allclose(hybrid(X), hybrid.forward_states(trajectories.states), atol=1e-6)
         lifted = observable.transform(trajectories.states[:, :h + 1])[:, -1]  # g_h, [B, D]
         assert torch.equal(hybrid.forward_lifted(lifted),
@@ -71,7 +72,7 @@ def test_too_many_delays_is_refused(tiny_mlp):
     trajectories = collect_trajectories(scaled, X)
     observable = TimeDelay(2).fit(trajectories.states)
     dmd = DMD().fit(TimeDelay(1).fit_transform(trajectories.states))
-    with pytest.raises(ValueError, match=r"n_delays=3 leaves no step to predict: the trajectory "
-                                         r"has T=4 states"):
-        KoopmanHybrid(scaled, TimeDelay(3).fit(trajectories.states), dmd)
+    with pytest.raises(ValueError, match=r"n_delays=3 needs trajectories of at least 5 states; "
+                                         r"got T=4"):
+        KoopmanHybrid.from_dmd(scaled, TimeDelay(3).fit(trajectories.states), dmd)
     del observable

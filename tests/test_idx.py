@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from koopnet import idx
-from koopnet.idx import find_idx_files, load_idx_dataset, load_mnist, read_idx
+from koopnet.io import idx
+from koopnet.io.idx import find_idx_files, load_idx_dataset, load_mnist, read_idx
 
 _CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
 _NAMES = {

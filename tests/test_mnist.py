@@ -1,9 +1,11 @@
+
 """MNIST and MNIST-format sets: `reproduce idx:PATH` on a tiny synthetic IDX folder, the paper
 protocol's data (raw-pixel trajectories, clipped rank), the paper-grid report, and a quick run on
 real MNIST (skipped when ../shared/data is absent)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -13,9 +15,10 @@ import torch
 
 from koopnet.cli import main
 from koopnet.dmd import DMD
-from koopnet.experiments import _paper_rank, default_config, load_protocol_data, run_experiment
-from koopnet.paper import PAPER_MNIST_DELAYS, PAPER_MNIST_GRID
-from koopnet.report import paper_grid_section, render_report
+from koopnet.lab.paper import PAPER_MNIST_DELAYS, PAPER_MNIST_GRID
+from koopnet.lab.protocols import _paper_rank, load_protocol_data, run_experiment
+from koopnet.lab.recipes import default_config
+from koopnet.lab.report import paper_grid_section, render_report
 
 _NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
           "t10k-labels-idx1-ubyte")
@@ -57,12 +60,12 @@ def test_reproduce_idx_quick_uses_the_data_shape(tiny_idx, tmp_path):
 
 def test_paper_protocol_on_idx_uses_raw_pixels_and_clips_rank(tiny_idx):
     config = default_config(f"idx:{tiny_idx}", "paper", quick=True)
-    assert config.raw_pixel_trajectories and config.ranks == [500]
+    assert config.raw_pixel_trajectories and config.ranks == (500,)
     data = load_protocol_data(config)
     assert len(data.base) == 200 and len(data.trajectories) == 100  # the 50/50 pool split
     assert data.trajectories.X.max() > 200 and data.trajectories.X.min() >= 0  # raw 0..255
     assert data.test.X.max() < 3.0  # normalised (max (1 - 0.1307) / 0.3081 = 2.82)
-    config.raw_pixel_trajectories = False
+    config = dataclasses.replace(config, raw_pixel_trajectories=False)
     assert load_protocol_data(config).trajectories.X.max() < 3.0
     results, _ = run_experiment(config, progress=False)
     for row in results["sweep"]:
@@ -111,8 +114,7 @@ def test_report_prints_our_grid_next_to_the_papers():
 
 
 def test_quick_reproduction_on_real_mnist(mnist_dir):
-    config = default_config("mnist", quick=True)
-    config.data_dir = str(mnist_dir)
+    config = default_config("mnist", quick=True, data_dir=str(mnist_dir))
     results, _ = run_experiment(config, progress=False)
     original = results["original"]["test_accuracy"]
     scaled = results["scaled"][0]["test_accuracy"]

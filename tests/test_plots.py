@@ -2,7 +2,7 @@ import matplotlib
 import pytest
 import torch
 
-from koopnet import plots
+from koopnet.lab import figures as plots
 
 
 def _labelled(fig):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from koopnet.lab.recipes import YINYANG_SCALING
 from koopnet.models import TrainConfig, build_mlp
-from koopnet.scaling import YINYANG_SCALING, scale_layer, split_mlp
+from koopnet.scaling import scale_layer, split_mlp
 
 FAST = dataclasses.replace(YINYANG_SCALING, epochs=60, batch_size=300, plateau_patience=None)
 
@@ -21,13 +22,13 @@ def test_split_mlp_cuts_around_hidden_layer():
 
 @pytest.mark.parametrize(("model", "layer", "match"), [
     (build_mlp([2, 8, 6, 4, 3, 2]), 4, r"layer=4 is out of range: this model has 4 hidden layers, "
-                                       r"so the trajectory can start at layer 1..3"),
+                                       r"so layer must be in 1..3"),
     (build_mlp([2, 8, 6, 4, 3, 2]), 0, r"layer=0 is out of range"),
-    (build_mlp([2, 8, 2]), 1, r"model has 1 hidden layer\(s\); scaling needs at least 2"),
+    (build_mlp([2, 8, 2]), 1, r"model has 1 hidden layer\(s\); linearising needs at least 2"),
     (nn.Sequential(nn.Linear(2, 3), nn.Dropout(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2)), 1,
-     r"model\[1\] is Dropout, not a supported activation"),
+     r"model\[2\] is Linear where an activation is needed after the Linear model\[0\]"),
     (nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.Linear(3, 2)), 1,
-     r"model\[2\] is ReLU; koopnet expects the layout"),
+     r"model\[2\] is ReLU where a Linear layer is needed \(it follows the activation model\[1\]\)"),
 ])
 def test_split_mlp_errors(model, layer, match):
     with pytest.raises(ValueError, match=match):
@@ -35,7 +36,8 @@ def test_split_mlp_errors(model, layer, match):
 
 
 def test_split_mlp_rejects_non_sequential():
-    with pytest.raises(TypeError, match=r"model must be an nn\.Sequential MLP; got Linear"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Sequential MLP \[Linear, "
+                                        r"activation, \.\.\., Linear\]; got Linear"):
         split_mlp(nn.Linear(2, 2), 1)
 
 

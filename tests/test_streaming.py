@@ -18,12 +18,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from koopnet.artifacts import load_artifact
+from koopnet.cli.fit import parse_rank
 from koopnet.distributed import all_reduce_statistics, shard_indices
 from koopnet.dmd import DMD, PairStatistics
-from koopnet.fitting import fit_file, parse_rank, series_statistics, trajectory_moments
+from koopnet.io.artifacts import load_artifact
+from koopnet.io.trajectories import fit_file, trajectory_moments
 from koopnet.observables import TimeDelay, snapshot_pairs
-from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series
+from koopnet.spec import FitSpec
+from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series, series_statistics
 
 B, T, W = 300, 6, 4
 
@@ -155,14 +157,14 @@ def test_two_process_gloo_fit_equals_single_process(tmp_path):
     for protocol in ("trajectory", "concatenated"):
         out = tmp_path / protocol
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "-m", "koopnet.fitting", "--trajectories", str(path),
+               "--nproc_per_node", "2", "-m", "koopnet", "fit", "--trajectories", str(path),
                "--n-delays", "2", "--rank", "none", "--batch-size", "16",
                "--protocol", protocol, "--out", str(out)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         tensors, meta = load_artifact(out, "dmd", kind="dmd")
         assert meta["config"]["world_size"] == 2
-        single, _ = fit_file(path, 2, batch_size=1000, protocol=protocol)
+        single, _ = fit_file(path, FitSpec(2, pairing=protocol), batch_size=1000)
         assert torch.allclose(tensors["singular_values"], single.singular_values_,
                               rtol=1e-10, atol=0)
         V, A = tensors["basis"], tensors["operator"]

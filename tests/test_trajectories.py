@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from koopnet.scaling import YINYANG_SCALING, scale_layer
+from koopnet.lab.recipes import YINYANG_SCALING
+from koopnet.scaling import scale_layer
 from koopnet.trajectories import PAD_VALUE, collect_trajectories, pad_states
 
 NO_TRAINING = dataclasses.replace(YINYANG_SCALING, epochs=1, lr=1e-12)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from koopnet._version import __version__
 
 # public name -> (module, attribute)
 _EXPORTS: dict[str, tuple[str, str]] = {
-    **{name: ("koopnet.datasets", name)
+    **{name: ("koopnet.io.datasets", name)
        for name in ("make_yinyang", "yinyang_splits", "idx_splits", "Split", "DataSplits")},
     **{name: ("koopnet.models", name)
        for name in ("build_mlp", "train_classifier", "TrainConfig", "accuracy")},
     "scale_layer": ("koopnet.scaling", "scale_layer"),
+    "FitSpec": ("koopnet.spec", "FitSpec"),
     "ScaledMLP": ("koopnet.scaling", "ScaledMLP"),
     "ScaledModel": ("koopnet.scaling", "ScaledMLP"),  # the name the issue and docs use
     "collect_trajectories": ("koopnet.trajectories", "collect_trajectories"),
@@ -29,15 +30,17 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "TimeDelay": ("koopnet.observables", "TimeDelay"),
     "DMD": ("koopnet.dmd", "DMD"),
     "KoopmanHybrid": ("koopnet.hybrid", "KoopmanHybrid"),
-    **{name: ("koopnet.api", name)
-       for name in ("linearize", "fit_hybrid", "save_model", "load_model", "load_model_files",
-                    "save_scaled", "load_scaled", "save_hybrid", "load_hybrid")},
-    "ArtifactError": ("koopnet.artifacts", "ArtifactError"),
+    "linearize": ("koopnet.linearization", "linearize"),
+    "fit_hybrid": ("koopnet.linearization", "fit_hybrid"),
+    **{name: ("koopnet.io.serialize", name)
+       for name in ("save_model", "load_model", "load_model_files", "save_scaled", "load_scaled",
+                    "save_hybrid", "load_hybrid")},
+    "ArtifactError": ("koopnet.io.artifacts", "ArtifactError"),
     "NotFittedError": ("koopnet._checks", "NotFittedError"),
 }
 
 __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
-    "DMD", "ArtifactError", "DataSplits", "KoopmanHybrid", "NotFittedError", "ScaledMLP",
+    "DMD", "ArtifactError", "DataSplits", "FitSpec", "KoopmanHybrid", "NotFittedError", "ScaledMLP",
     "ScaledModel", "Split", "TimeDelay", "TrainConfig", "Trajectories", "__version__",
     "accuracy", "build_mlp", "collect_trajectories", "fit_hybrid", "idx_splits", "linearize",
     "load_hybrid", "load_model", "load_model_files", "load_scaled", "make_yinyang",
@@ -47,9 +50,11 @@ __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
 
 if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet._checks import NotFittedError
-    from koopnet.api import (
-        fit_hybrid,
-        linearize,
+    from koopnet.dmd import DMD
+    from koopnet.hybrid import KoopmanHybrid
+    from koopnet.io.artifacts import ArtifactError
+    from koopnet.io.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
+    from koopnet.io.serialize import (
         load_hybrid,
         load_model,
         load_model_files,
@@ -58,14 +63,12 @@ if TYPE_CHECKING:  # static analysers see the real objects
         save_model,
         save_scaled,
     )
-    from koopnet.artifacts import ArtifactError
-    from koopnet.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
-    from koopnet.dmd import DMD
-    from koopnet.hybrid import KoopmanHybrid
+    from koopnet.linearization import fit_hybrid, linearize
     from koopnet.models import TrainConfig, accuracy, build_mlp, train_classifier
     from koopnet.observables import TimeDelay
     from koopnet.scaling import ScaledMLP, scale_layer
     from koopnet.scaling import ScaledMLP as ScaledModel
+    from koopnet.spec import FitSpec
     from koopnet.trajectories import Trajectories, collect_trajectories
 
 
@@ -73,7 +76,7 @@ def __getattr__(name: str):
     try:
         module, attribute = _EXPORTS[name]
     except KeyError:
-        try:  # a submodule, e.g. koopnet.api after a plain `import koopnet`
+        try:  # a submodule, e.g. koopnet.lab after a plain `import koopnet`
             return importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as err:
             if err.name != f"{__name__}.{name}":

@@ -61,7 +61,8 @@ def check_finite(data: torch.Tensor, name: str, hint: str = "") -> None:
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an integer.")
+        kind = " (a string)" if isinstance(value, str) else ""
+        raise TypeError(f"{name}={value!r}{kind} must be an integer.")
     value = int(value)
     if low is not None and value < low:
         raise ValueError(f"{name}={value} must be >= {low}.")
@@ -77,6 +78,49 @@ def check_float(value, name: str, *, low: float | None = None) -> float:
     if not np.isfinite(value) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
         raise ValueError(f"{name}={value} must be a finite number{bound}.")
+    return value
+
+
+def check_rank(rank):
+    """The ``rank`` parameter, normalised: None, an int >= 0 or a float in (0, 1).
+
+    numpy scalars are accepted and turned into Python numbers, so a value that passes here never
+    fails later inside a fit.
+    """
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
+        raise TypeError(f"rank={rank!r} must be None, an int or a float.")
+    if isinstance(rank, numbers.Integral) and int(rank) >= 0:
+        return int(rank)
+    if not isinstance(rank, numbers.Integral) and 0.0 < float(rank) < 1.0:
+        return float(rank)
+    raise ValueError(f"rank={rank!r} is ambiguous: pass an int >= 1, a float in (0, 1), 0 for "
+                     "the optimal threshold, or None for full rank.")
+
+
+def check_rank_limit(rank, n_features: int, n_pairs: int) -> None:
+    """An integer rank cannot exceed min(D, pairs): the data has no more directions."""
+    limit = min(n_features, n_pairs)
+    if isinstance(rank, int) and rank > limit:
+        raise ValueError(f"rank={rank} exceeds what the data supports: min(D={n_features}, "
+                         f"pairs={n_pairs})={limit}. Lower rank to <= {limit}, pass None for "
+                         "full rank, or use more samples.")
+
+
+def check_delays(n_delays, n_states: int, *, fix: str = "insert more blocks") -> int:
+    """``n_delays`` h must leave at least one snapshot pair: T >= h + 2 states."""
+    h = check_int(n_delays, "n_delays", low=0)
+    if h > n_states - 2:
+        raise ValueError(f"n_delays={h} needs trajectories of at least {h + 2} states; got "
+                         f"T={n_states}. Lower n_delays to <= {max(n_states - 2, 0)} or {fix}.")
+    return h
+
+
+def check_choice(value, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        options = " or ".join(repr(c) for c in choices)
+        raise ValueError(f"{name}={value!r} must be {options}.")
     return value
 
 

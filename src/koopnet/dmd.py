@@ -19,12 +19,19 @@ S / (S^2 + lambda) with lambda = tikhonov * S_max^2 (scale free).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-from koopnet._checks import as_tensor, check_float, check_int, check_is_fitted
+from koopnet._checks import (
+    as_tensor,
+    check_finite,
+    check_float,
+    check_int,
+    check_is_fitted,
+    check_rank,
+    check_rank_limit,
+)
 from koopnet.observables import snapshot_pairs
 
 __all__ = ["DMD", "PairStatistics", "resolve_rank"]
@@ -76,26 +83,19 @@ def resolve_rank(rank, singular_values: torch.Tensor, shape: tuple[int, int],
     if usable == 0:
         raise ValueError("the snapshot matrix is zero (all singular values vanish); "
                          "check that the states are not all dead or constant.")
+    rank = check_rank(rank)
+    check_rank_limit(rank, n_cols, n_rows)
     if rank is None:
         return usable
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
-        raise TypeError(f"rank={rank!r} must be None, an int or a float.")
-    if isinstance(rank, numbers.Integral) and rank >= 1:
-        limit = min(n_rows, n_cols)
-        if rank > limit:
-            raise ValueError(f"rank={rank} exceeds what the data supports: "
-                             f"min(D={n_cols}, pairs={n_rows})={limit}.")
-        return min(int(rank), usable)
-    if isinstance(rank, numbers.Integral) and rank == 0:
+    if rank == 0:  # Gavish and Donoho's omega(beta) for an unknown noise level
         beta = min(n_rows, n_cols) / max(n_rows, n_cols)
         omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
         threshold = omega * s[: min(n_rows, n_cols)].median()
         return max(1, min(usable, int((s > threshold).sum())))
-    if isinstance(rank, float) and 0.0 < rank < 1.0:
-        energy = (s**2).cumsum(0) / (s**2).sum()
-        return min(usable, int((energy < rank).sum()) + 1)
-    raise ValueError(f"rank={rank!r} is ambiguous: pass an int >= 1, a float in (0, 1), 0 for "
-                     "the optimal threshold, or None for full rank.")
+    if isinstance(rank, int):
+        return min(rank, usable)
+    energy = (s**2).cumsum(0) / (s**2).sum()
+    return min(usable, int((energy < rank).sum()) + 1)
 
 
 class DMD:
@@ -157,6 +157,8 @@ class DMD:
         """Fit from Gram statistics (streamed or all-reduced). Equal to ``fit_pairs`` in theory."""
         if stats.n_pairs < 1:
             raise ValueError("stats holds no snapshot pairs; feed at least one batch first.")
+        check_finite(stats.xx, "the Gram matrix X^T X",
+                     " The states overflow float64 when squared; rescale them.")
         s, V = stats.spectrum()
         shape = (stats.n_pairs, stats.xx.shape[0])
         r = self._rank(s, shape, noise_floor=stats.noise_floor)
@@ -170,10 +172,13 @@ class DMD:
 
     def _finish(self, V, s, YtU, s_max, shape) -> None:
         """Shared tail of both routes. Shape: V [D, R], s [R], YtU [D, R] = Y^T U."""
-        inv = s / (s**2 + self.tikhonov_ * s_max**2)  # damped S^-1, [R]
+        unit = s / s_max  # scale free, so data near the float range cannot overflow S^2
+        inv = unit / (unit**2 + self.tikhonov_) / s_max  # damped S^-1, [R]
         projected = YtU * inv  # Y^T U S^-1, [D, R]
-        self.basis_, self.singular_values_ = V, s
-        self.operator_ = V.T @ projected  # [R, R]
+        operator = V.T @ projected  # [R, R]
+        check_finite(operator, "the DMD operator",
+                     " The data overflows float64 arithmetic; rescale the states.")
+        self.basis_, self.singular_values_, self.operator_ = V, s, operator
         self._projected, self._eig = projected, None
         self.rank_, (self.n_pairs_, self.n_features_in_) = len(s), shape
 
@@ -220,6 +225,7 @@ class DMD:
     def predict(self, lifted: torch.Tensor, n_steps: int = 1) -> torch.Tensor:
         """Advance lifted states ``n_steps`` steps. Shape: [n, D] -> [n, D] (real)."""
         check_is_fitted(self, "operator_")
+        n_steps = check_int(n_steps, "n_steps", low=0)
         lifted = as_tensor(lifted, "lifted", ndim=2, dtype=self.dtype)
         if lifted.shape[1] != self.n_features_in_:
             raise ValueError(f"lifted has {lifted.shape[1]} features; this DMD was fitted on "

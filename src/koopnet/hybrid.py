@@ -15,10 +15,12 @@ hybrid 2-3x slower for a rounding difference far below float32 activations' own.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from koopnet._checks import check_int, check_width_preserving
+from koopnet._checks import check_delays, check_int, check_is_fitted, check_width_preserving
 from koopnet.dmd import DMD
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
@@ -28,57 +30,89 @@ from koopnet.trajectories import PAD_VALUE
 class KoopmanHybrid(nn.Module):
     """Scaled network with steps h+1..T-1 of its trajectory replaced by a fitted linear operator.
 
+    Build one with :meth:`from_dmd` (from a scaled network and a fitted DMD); the constructor
+    takes the parts themselves, which is how :func:`koopnet.load_hybrid` rebuilds a saved one.
+
     Shape: x [B, features] -> logits [B, classes]. Buffers: ``basis`` [D, R], ``operator``
     [R, R], ``readout`` [w', D] and ``linear_map`` [w', D] (all float64).
     ``compute_dtype``: precision of the map's GEMM; None = the states' dtype.
     """
 
-    def __init__(self, scaled: ScaledMLP, observable: TimeDelay, dmd: DMD, *,
-                 pad_value: float = PAD_VALUE, n_blocks: int | None = None,
-                 compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, head: nn.Module, prefix: nn.Sequential | TimeDelay, tail, observable=None,
+                 *, basis: torch.Tensor | None = None, operator: torch.Tensor | None = None,
+                 readout: torch.Tensor | None = None, linear_map: torch.Tensor | None = None,
+                 layer: int = 0, width: int = 0, linear_steps: int = 1,
+                 pad_value: float = PAD_VALUE, compute_dtype: torch.dtype | None = None,
+                 dmd: DMD | None = None, scaled: ScaledMLP | None = None, scaling_report=None,
+                 n_blocks: int | None = None) -> None:
+        if isinstance(head, ScaledMLP):  # the 0.1 signature KoopmanHybrid(scaled, observable, dmd)
+            warnings.warn("KoopmanHybrid(scaled, observable, dmd) is deprecated and will be "
+                          "removed in koopnet 0.3; use KoopmanHybrid.from_dmd(scaled, "
+                          "observable, dmd).", DeprecationWarning, stacklevel=2)
+            parts = self._parts(head, prefix, tail, n_blocks)
+            self.__init__(**parts, pad_value=pad_value, compute_dtype=compute_dtype, dmd=tail)
+            return
         super().__init__()
-        self.compute_dtype = compute_dtype
-        h = check_int(observable.n_delays, "n_delays", low=0)
-        check_width_preserving(scaled.inserts, scaled.width)
-        # n_blocks: inserted blocks run before lifting (default h); more than h lets a
-        # dictionary with fewer delays (e.g. plain DMD) start its roll-out later.
-        blocks = h if n_blocks is None else check_int(n_blocks, "n_blocks", low=h)
-        if blocks > scaled.n_states - 2:
-            raise ValueError(f"n_delays={blocks} leaves no step to predict: the trajectory has "
-                             f"T={scaled.n_states} states, so n_delays must be <= "
-                             f"{scaled.n_states - 2}.")
-        self.head, self.prefix, self.tail = scaled.head, scaled.inserts[:blocks], scaled.tail
-        self.width, self.out_width = scaled.width, scaled.out_width
-        self.observable, self.pad_value = observable, pad_value
-        self.layer, self.n_delays, self.n_blocks = scaled.layer, h, blocks
-        self.linear_steps = scaled.n_states - 1 - blocks
-        readout = observable.readout(self.out_width).to(dmd.dtype)
-        self.register_buffer("basis", dmd.basis_)
-        self.register_buffer("operator", dmd.operator_)
+        check_is_fitted(observable, "n_features_in_")
+        h = observable.n_delays_
+        D, R = observable.n_output_features_, operator.shape[0]
+        shapes = {"basis": (D, R), "operator": (R, R), "readout": (linear_map.shape[0], D),
+                  "linear_map": (linear_map.shape[0], D)}
+        for name, tensor in zip(shapes, (basis, operator, readout, linear_map), strict=True):
+            if tuple(tensor.shape) != shapes[name]:
+                raise ValueError(f"{name} has shape {list(tensor.shape)}; this observable "
+                                 f"(D={D}) and rank {R} need {list(shapes[name])}.")
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype)
+                                              and compute_dtype.is_floating_point):
+            raise TypeError(f"compute_dtype={compute_dtype!r} must be None or a floating "
+                            "torch.dtype such as torch.float64.")
+        self.head, self.prefix, self.tail = head, prefix, tail
+        self.observable, self.pad_value, self.compute_dtype = observable, pad_value, compute_dtype
+        self.layer, self.n_delays, self.n_blocks = layer, h, len(prefix)
+        self.width, self.out_width = width, linear_map.shape[0]
+        self.linear_steps = check_int(linear_steps, "linear_steps", low=1)
+        self.register_buffer("basis", basis)
+        self.register_buffer("operator", operator)
         self.register_buffer("readout", readout)
-        self.register_buffer("linear_map", dmd.transition(self.linear_steps, readout))
+        self.register_buffer("linear_map", linear_map)
+        self.dmd_, self.scaling_report_ = dmd, scaling_report
+        self.__dict__["scaled_"] = scaled  # outside the module tree: state_dict stays the hybrid's
 
     @classmethod
-    def from_buffers(cls, head: nn.Sequential, prefix: nn.Sequential, tail: nn.Sequential,
-                     observable: TimeDelay, buffers: dict[str, torch.Tensor], *, layer: int,
-                     width: int, out_width: int, linear_steps: int,
-                     pad_value: float = PAD_VALUE) -> KoopmanHybrid:
-        """Rebuild a hybrid from saved parts, without a DMD (see ``koopnet.api.load_hybrid``).
+    def from_dmd(cls, scaled: ScaledMLP, observable: TimeDelay, dmd: DMD, *,
+                 n_blocks: int | None = None, pad_value: float = PAD_VALUE,
+                 compute_dtype: torch.dtype | None = None, keep_scaled: bool = False,
+                 scaling_report=None) -> KoopmanHybrid:
+        """The hybrid of a scaled network, a fitted observable and a DMD fitted on it.
 
-        ``buffers`` holds ``basis``, ``operator``, ``readout`` and ``linear_map``; ``observable``
-        is a fitted TimeDelay.
+        ``n_blocks``: inserted blocks run before lifting (default h); more than h lets a
+        dictionary with fewer delays (e.g. plain DMD) start its roll-out later.
+        ``keep_scaled`` keeps a reference to ``scaled`` as ``scaled_`` (not a submodule).
         """
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.compute_dtype = None
-        self.head, self.prefix, self.tail = head, prefix, tail
-        self.width, self.out_width = width, out_width
-        self.observable, self.pad_value = observable, pad_value
-        self.layer, self.n_delays, self.n_blocks = layer, observable.n_delays_, len(prefix)
-        self.linear_steps = linear_steps
-        for name in ("basis", "operator", "readout", "linear_map"):
-            self.register_buffer(name, buffers[name])
-        return self
+        return cls(**cls._parts(scaled, observable, dmd, n_blocks), pad_value=pad_value,
+                   compute_dtype=compute_dtype, dmd=dmd,
+                   scaled=scaled if keep_scaled else None, scaling_report=scaling_report)
+
+    @staticmethod
+    def _parts(scaled: ScaledMLP, observable: TimeDelay, dmd: DMD,
+               n_blocks: int | None) -> dict:
+        check_width_preserving(scaled.inserts, scaled.width)
+        check_is_fitted(dmd, "operator_")
+        check_is_fitted(observable, "n_features_in_")
+        h = check_int(observable.n_delays_, "n_delays", low=0)
+        blocks = h if n_blocks is None else check_int(n_blocks, "n_blocks", low=h)
+        check_delays(blocks, scaled.n_states)
+        linear_steps = scaled.n_states - 1 - blocks
+        readout = observable.readout(scaled.out_width).to(dmd.dtype)
+        return {"head": scaled.head, "prefix": scaled.inserts[:blocks], "tail": scaled.tail,
+                "observable": observable, "basis": dmd.basis_, "operator": dmd.operator_,
+                "readout": readout, "linear_map": dmd.transition(linear_steps, readout),
+                "layer": scaled.layer, "width": scaled.width, "linear_steps": linear_steps}
+
+    @property
+    def rank_(self) -> int:
+        """Rank R of the fitted operator."""
+        return self.operator.shape[0]
 
     @property
     def nonlinear_blocks(self) -> int:
@@ -124,4 +158,4 @@ class KoopmanHybrid(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, n_delays={self.n_delays}, linear_steps={self.linear_steps}, "
-                f"rank={self.operator.shape[0]}")
+                f"rank={self.rank_}")

@@ -43,6 +43,59 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
+_SOFTMAX = (nn.Softmax, nn.LogSoftmax)
+_DROPOUT = nn.modules.dropout._DropoutNd  # every Dropout variant: the identity in eval mode
+
+
+def mlp_layout(model: nn.Module, name: str = "model") -> list[nn.Module]:
+    """The modules of a Sequential MLP ``[Linear, activation, ..., Linear]``, checked.
+
+    Dropout modules are left out (they are the identity in eval mode, where koopnet runs a
+    network) and a final Softmax is dropped (it does not change the argmax). Every error names
+    the offending position in ``model`` itself.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"{name} must be an nn.Sequential MLP [Linear, activation, ..., Linear]; "
+                        f"got {type(model).__name__}.")
+    indexed = [(i, m) for i, m in enumerate(model) if not isinstance(m, _DROPOUT)]
+    if indexed and isinstance(indexed[-1][1], _SOFTMAX):
+        indexed = indexed[:-1]
+    if not indexed:
+        raise ValueError(f"{name} holds no layers; koopnet expects [Linear, activation, ..., "
+                         "Linear].")
+    for position, (i, module) in enumerate(indexed):
+        kind = type(module).__name__
+        if position % 2 == 0 and type(module) is not nn.Linear:
+            after = "starts the model" if position == 0 else \
+                f"follows the activation {name}[{indexed[position - 1][0]}]"
+            raise ValueError(f"{name}[{i}] is {kind} where a Linear layer is needed (it {after});"
+                             " koopnet's layer scaling takes a Sequential of Linear and "
+                             f"activation modules only ({sorted(ACTIVATIONS)}; Dropout and a "
+                             "final Softmax are allowed). Rebuild the model in that layout.")
+        if position % 2 == 1 and activation_name(module) is None:
+            raise ValueError(f"{name}[{i}] is {kind} where an activation is needed after the "
+                             f"Linear {name}[{indexed[position - 1][0]}]; supported activations "
+                             f"are {sorted(ACTIVATIONS)}.")
+    if len(indexed) % 2 == 0:
+        raise ValueError(f"{name} ends with an activation ({name}[{indexed[-1][0]}]); an MLP "
+                         "ends with its output Linear layer (logits).")
+    return [module for _, module in indexed]
+
+
+def check_layer(model: nn.Module, layer) -> int:
+    """Hidden layer ``layer`` (1-based) must start a trajectory: layer k+1 exists to replace."""
+    n_hidden = len(mlp_layout(model)) // 2
+    if n_hidden < 2:
+        raise ValueError(f"model has {n_hidden} hidden layer(s); linearising needs at least 2 "
+                         "(one to start the trajectory, one to replace). Use a deeper MLP.")
+    layer = check_int(layer, "layer")
+    if not 1 <= layer <= n_hidden - 1:
+        raise ValueError(f"layer={layer} is out of range: this model has {n_hidden} hidden "
+                         f"layers, so layer must be in 1..{n_hidden - 1} (hidden layer k+1 is "
+                         "the one replaced).")
+    return layer
+
+
 def init_he(module: nn.Module) -> None:
     """He-normal weights (ReLU gain) and bias 0.01, the paper's initialisation."""
     if isinstance(module, nn.Linear):
@@ -73,7 +126,7 @@ def build_mlp(widths: Sequence[int], activation: str = "relu") -> nn.Sequential:
     return model
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimiser recipe. Defaults are the paper's Yin-Yang base recipe (paper-method section 3)."""
 
@@ -84,11 +137,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     plateau_patience: int | None = None  # ReduceLROnPlateau on the epoch-mean loss, factor 0.5
     plateau_threshold: float = 1e-4
-
-
-YINYANG_RECIPE = TrainConfig()
-MNIST_RECIPE = TrainConfig(epochs=30, batch_size=4096, lr=1e-2, weight_decay=0.1,
-                           plateau_patience=1)
 
 
 def fit_minibatch(
@@ -139,10 +187,11 @@ def fit_minibatch(
 
 
 def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
-                     config: TrainConfig = YINYANG_RECIPE, *, seed: int = 0,
+                     config: TrainConfig | None = None, *, seed: int = 0,
                      progress: bool = False) -> list[float]:
     """Cross-entropy training of ``model`` in place. Shape: X [n, features], y [n] int64."""
-    return fit_minibatch(model, nn.functional.cross_entropy, X, y, config, seed=seed,
+    return fit_minibatch(model, nn.functional.cross_entropy, X, y, config or TrainConfig(),
+                         seed=seed,
                          progress=progress, desc="base model")
 
 

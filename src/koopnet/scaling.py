@@ -17,44 +17,26 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_int
-from koopnet.models import ACTIVATIONS, TrainConfig, activation_name, fit_minibatch, make_activation
+from koopnet.models import TrainConfig, check_layer, fit_minibatch, make_activation, mlp_layout
 
 log = logging.getLogger(__name__)
 
-YINYANG_SCALING = TrainConfig(epochs=3000, batch_size=512, lr=2e-3, betas=(0.8, 0.8),
-                              weight_decay=1e-4, plateau_patience=300, plateau_threshold=1e-4)
-MNIST_SCALING = TrainConfig(epochs=100, batch_size=4096, lr=3e-3, betas=(0.9, 0.99),
-                            weight_decay=1e-2, plateau_patience=2, plateau_threshold=1e-3)
+#: Scaling recipe of ``linearize``, ``koopnet scale`` and the clean protocol on small data:
+#: full-batch AdamW (scaling regresses fixed input/output pairs, so no mini-batch noise is
+#: needed), 1000 steps at lr 1e-2 with plateau halving.
+DEFAULT_SCALING = TrainConfig(epochs=1000, batch_size=5000, lr=1e-2, betas=(0.8, 0.8),
+                              weight_decay=1e-4, plateau_patience=100, plateau_threshold=1e-4)
 
 
 def split_mlp(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
     """Cut an MLP into (head, replaced, tail) around hidden layer ``layer`` (1-based, as the paper).
 
     head = everything up to hidden layer k's activation, replaced = the next Linear and its
-    activation (hidden layer k+1), tail = the rest. A trailing Softmax is dropped (it does not
-    change the argmax and the method works on logits).
+    activation (hidden layer k+1), tail = the rest (see :func:`koopnet.models.mlp_layout` for
+    what is accepted).
     """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model must be an nn.Sequential MLP; got {type(model).__name__}.")
-    modules = list(model)
-    if modules and isinstance(modules[-1], (nn.Softmax, nn.LogSoftmax)):
-        modules = modules[:-1]
-    for i, module in enumerate(modules):
-        expected = nn.Linear if i % 2 == 0 else None
-        if expected is not None and not isinstance(module, nn.Linear):
-            raise ValueError(f"model[{i}] is {type(module).__name__}; koopnet expects the layout "
-                             "[Linear, activation, Linear, activation, ..., Linear].")
-        if i % 2 == 1 and activation_name(module) is None:
-            raise ValueError(f"model[{i}] is {type(module).__name__}, not a supported activation "
-                             f"({', '.join(ACTIVATIONS)}).")
-    n_hidden = len(modules) // 2
-    if n_hidden < 2:
-        raise ValueError(f"model has {n_hidden} hidden layer(s); scaling needs at least 2 "
-                         "(one to start the trajectory, one to replace).")
-    layer = check_int(layer, "layer")
-    if not 1 <= layer <= n_hidden - 1:
-        raise ValueError(f"layer={layer} is out of range: this model has {n_hidden} hidden layers, "
-                         f"so the trajectory can start at layer 1..{n_hidden - 1}.")
+    layer = check_layer(model, layer)
+    modules = mlp_layout(model)
     s = 2 * layer - 1
     return (nn.Sequential(*modules[: s + 1]), nn.Sequential(*modules[s + 1: s + 3]),
             nn.Sequential(*modules[s + 3:]))
@@ -104,9 +86,10 @@ class ScaledMLP(nn.Module):
         return f"layer={self.layer}, n_inserted={self.n_inserted}, width={self.width}"
 
 
-def make_inserts(width: int, n_inserted: int, activation: str, init: str,
+def make_inserts(width: int, n_inserted: int, activation: nn.Module | str, init: str,
                  generator: torch.Generator) -> nn.Sequential:
-    """N blocks ``Sequential(Linear(w, w), activation)``.
+    """N blocks ``Sequential(Linear(w, w), activation)``; the activation is copied with its
+    arguments (a LeakyReLU keeps its slope).
 
     ``init="he"`` is the paper's (He-normal, bias 0.01); narrow ReLU layers often die with it.
     ``init="identity"`` starts at W = I + 0.001 noise, bias 0: with ReLU on non-negative inputs
@@ -127,7 +110,9 @@ def make_inserts(width: int, n_inserted: int, activation: str, init: str,
                 noise = torch.randn(width, width, generator=generator) * 1e-3
                 linear.weight.copy_(torch.eye(width) + noise)
                 linear.bias.zero_()
-        blocks.append(nn.Sequential(linear, make_activation(activation)))
+        act = make_activation(activation) if isinstance(activation, str) else \
+            copy.deepcopy(activation)
+        blocks.append(nn.Sequential(linear, act))
     return nn.Sequential(*blocks)
 
 
@@ -152,7 +137,7 @@ def scale_layer(
     *,
     n_inserted: int = 10,
     init: str = "identity",
-    config: TrainConfig = YINYANG_SCALING,
+    config: TrainConfig = DEFAULT_SCALING,
     seed: int = 0,
     retries: int = 2,
     fallback_identity: bool = True,
@@ -171,7 +156,8 @@ def scale_layer(
 
     Shape: X [n, features], y [n].
     """
-    X = as_tensor(X, "X", ndim=2, dtype=torch.float32)
+    dtype = next(model.parameters()).dtype
+    X = as_tensor(X, "X", ndim=2, dtype=dtype)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
     head, replaced, tail = split_mlp(copy.deepcopy(model), layer)
     if X.shape[1] != head[0].in_features:
@@ -179,7 +165,7 @@ def scale_layer(
                          f"{head[0].in_features}; pass inputs of the model's input width.")
     for p in [*head.parameters(), *replaced.parameters(), *tail.parameters()]:
         p.requires_grad_(False)
-    activation = activation_name(head[-1])
+    activation = head[-1]
     with torch.no_grad():
         a = head(X)
         b = replaced(a)
@@ -192,7 +178,8 @@ def scale_layer(
         last = attempt == retries and attempt > 0
         attempt_init = "identity" if last and fallback_identity else init
         generator = torch.Generator().manual_seed(seed + 1000 * attempt)
-        inserts = make_inserts(a.shape[1], n_inserted, activation, attempt_init, generator)
+        inserts = make_inserts(a.shape[1], n_inserted, activation, attempt_init,
+                               generator).to(dtype)
         stack = nn.Sequential(inserts, replaced)
         history = fit_minibatch(stack, nn.functional.huber_loss, a, b, config,
                                 seed=seed + attempt, progress=progress,

@@ -193,3 +193,33 @@ def fit_series(dmd: DMD, series: torch.Tensor, n_delays: int, *, constant: bool 
             return dmd
     lifted = TimeDelay(h, constant=constant).fit_transform(series[None])  # [1, n-h, D]
     return dmd.fit_pairs(*snapshot_pairs(lifted))
+
+
+def series_statistics(batches, n_delays: int, *, constant: bool = False,
+                      carry: torch.Tensor | None = None) -> PairStatistics | None:
+    """Streamed Gram statistics of the paper's concatenated series (windows cross samples).
+
+    ``batches`` yields [b, T, W] trajectories in order; ``carry`` [c, W] holds the series rows
+    just before the first batch (at most h+1 are used; pass them when this is a later shard).
+    Equals ``PairStatistics.from_pairs(*snapshot_pairs(TimeDelay(h).fit_transform(series)))``
+    of the whole series. Returns None when the rows seen give no pair.
+    """
+    h = check_int(n_delays, "n_delays", low=0)
+    lift = TimeDelay(h, constant=constant)
+    stats = None
+    carry = None if carry is None or len(carry) == 0 else carry[-(h + 1):]
+    for batch in batches:
+        batch = as_tensor(batch, "states", ndim=3)
+        rows = batch.reshape(-1, batch.shape[2]).to(torch.float64)
+        n_carry = 0 if carry is None else len(carry)
+        ext = rows if carry is None else torch.cat([carry, rows])  # [c + b*T, W]
+        carry = ext[-(h + 1):]
+        if len(ext) < h + 2:
+            continue
+        lifted = lift.fit_transform(ext[None])[0]  # [m - h, D]; row j is ext index h + j
+        skip = max(h + 1, n_carry) - (h + 1)  # pairs whose target is already counted
+        X, Y = lifted[:-1][skip:], lifted[1:][skip:]
+        if len(X):
+            part = PairStatistics.from_pairs(X, Y)
+            stats = part if stats is None else stats + part
+    return stats

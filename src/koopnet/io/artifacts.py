@@ -18,11 +18,14 @@ previous file intact; the recorded hash catches a tensor file that changed under
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -36,6 +39,12 @@ class ArtifactError(ValueError):
     """Raised for a file that is not what it claims: corrupt, truncated, too new or altered."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_temp(path: Path, data: bytes) -> Path:
     """Write ``data`` to a fsynced temporary file next to ``path`` (same filesystem, so the
     later ``os.replace`` is atomic) and return its path; on any failure remove it."""
@@ -46,6 +55,7 @@ def _write_temp(path: Path, data: bytes) -> Path:
         try:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # as open() would: the umask decides
             os.fsync(handle.fileno())
         except BaseException:  # KeyboardInterrupt included: never leave a half-written temp
             handle.close()
@@ -259,11 +269,11 @@ def load_artifact(
     return tensors, meta
 
 
-def prepare_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Create the output folder, refusing to mix new results into an old run unless ``force``.
-
-    With ``force`` existing files are kept; those the new run writes are replaced atomically.
-    """
+def check_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """The checks of :func:`prepare_output_dir` without creating anything: run them before any
+    work, so a bad ``--out`` fails in a second, not after the computation."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError("the output folder is empty (--out ''); pass a folder path.")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"output folder '{folder}' is a file; pick another path.")
@@ -272,5 +282,75 @@ def prepare_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
             f"output folder '{folder}' already exists and is not empty; "
             "pass --force to write into it"
         )
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"output folder '{folder}' lies below the file '{existing}'; "
+                                 "pick another path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder '{folder}' cannot be written ('{existing}' is not "
+                              "writable); pick another path or fix its permissions.")
+    return folder
+
+
+def prepare_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Create the output folder, refusing to mix new results into an old run unless ``force``.
+
+    With ``force`` existing files are kept; those the new run writes are replaced atomically.
+    """
+    folder = check_output_dir(path, force=force)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2); False where that is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Write a whole run folder elsewhere, then put it in place in one step.
+
+    Yields an empty temporary sibling of ``path``; when the block ends without an error, the
+    sibling replaces ``path`` (an earlier run there, allowed only with ``force``, is swapped
+    out atomically and removed). An error, Ctrl-C or a kill leaves ``path`` exactly as it was:
+    readers see the whole old run or the whole new one, never a mix, and a failed run leaves no
+    folder behind.
+    """
+    folder = check_output_dir(path, force=force)
+    if folder.is_dir() and any(folder.iterdir()) and not any(
+            p.suffix in (".json", ".safetensors") for p in folder.iterdir()):
+        raise FileExistsError(f"output folder '{folder}' holds no koopnet run (no .json "
+                              "results or artifacts); --force replaces a whole earlier run, "
+                              "so pick an empty or new folder.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging",
+                                  dir=folder.parent))
+    os.chmod(stage, 0o777 & ~_umask())
+    try:
+        yield stage
+        if folder.is_dir() and _exchange(stage, folder):
+            shutil.rmtree(stage)  # now holds the earlier run
+        else:
+            if folder.is_dir():  # no atomic exchange here: move the old run aside first
+                old = stage.with_suffix(".old")
+                os.replace(folder, old)
+                os.replace(stage, folder)
+                shutil.rmtree(old)
+            else:
+                os.replace(stage, folder)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

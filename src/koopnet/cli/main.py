@@ -11,50 +11,25 @@ import logging
 import sys
 from pathlib import Path
 
+from koopnet._checks import check_int
+from koopnet.io.artifacts import check_output_dir, staged_folder
+
 log = logging.getLogger("koopnet")
 
 
-def _write_run(out: Path, results: dict, figures: dict, *, pdf: bool = False) -> list[str]:
-    """results.json first, then the figures, then report.md (which links them)."""
-    from koopnet.artifacts import write_json
-    from koopnet.plots import plot_eigenvalues, save_figure
-    from koopnet.report import render_report
-
-    write_json(out / "results.json", results)
-    results = json.loads((out / "results.json").read_text())  # render exactly what was saved
-    written = []
-    layers = figures.get("layers", {})
-    if layers:
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(layers), figsize=(4.4 * len(layers), 4.6), squeeze=False,
-                                 layout="constrained")
-        for ax, (layer, info) in zip(axes[0], layers.items(), strict=True):
-            best, dmd = info["best"], info["fit"][0]
-            plot_eigenvalues(dmd.eigenvalues_, ax, title=(
-                f"{results['dataset']} layer {layer}: h={best['n_delays']}, "
-                f"rank {best['rank_resolved']}"))
-        fig.suptitle(f"DMD eigenvalues of the selected operators ({results['protocol']} "
-                     "protocol)")
-        written += save_figure(fig, out / "eigenvalues", pdf=pdf)
-    from koopnet.artifacts import atomic_write_text
-
-    atomic_write_text(out / "report.md", render_report(results, written))
-    return written
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from koopnet.artifacts import prepare_output_dir
-    from koopnet.experiments import default_config, run_experiment
+    from koopnet.lab.protocols import run_experiment
+    from koopnet.lab.recipes import default_config
+    from koopnet.lab.run import write_run
 
-    out = prepare_output_dir(args.out, force=args.force)
-    config = default_config(args.dataset, args.protocol, seed=args.seed, quick=args.quick)
-    if args.data_dir:
-        config.data_dir = args.data_dir
+    config = default_config(args.dataset, args.protocol, seed=args.seed, quick=args.quick,
+                            data_dir=args.data_dir)
+    out = check_output_dir(args.out, force=args.force)
     log.info("reproducing %s (%s protocol, seed %d) into %s", args.dataset, args.protocol,
              args.seed, out)
     results, figures = run_experiment(config, progress=not args.quiet)
-    _write_run(out, results, figures, pdf=args.pdf)
+    with staged_folder(out, force=args.force) as stage:
+        write_run(stage, results, figures, pdf=args.pdf)
     selected = results["selected"]
     print(json.dumps({"out": str(out), "original_test": results["original"]["test_accuracy"],
                       "selected": {k: selected[k] for k in ("layer", "n_delays", "rank",
@@ -76,7 +51,7 @@ def _widths(text: str) -> list[int]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from koopnet.api import stage_train
+    from koopnet.cli.stages import stage_train
 
     path = stage_train(args.out, dataset=args.dataset, widths=args.widths,
                        activation=args.activation, labels=args.labels, epochs=args.epochs,
@@ -88,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from koopnet.api import stage_scale
+    from koopnet.cli.stages import stage_scale
 
     path = stage_scale(args.out, run=args.run, model=args.model, config=args.config,
                        data=args.data, labels=args.labels, layer=args.layer,
@@ -103,26 +78,25 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """``koopnet fit SCALE_DIR`` (staged) or ``koopnet fit --trajectories PATH`` (streamed)."""
-    from koopnet.fitting import fit_command
+    from koopnet.cli.fit import fit_command, spec_from_args
 
     if (args.scale_dir is None) == (args.trajectories is None):
         raise ValueError("koopnet fit needs either a scale-stage folder (koopnet fit SCALE_DIR "
                          "...) or --trajectories PATH, not both.")
     if args.trajectories is not None:
         return fit_command(args)
-    from koopnet.api import stage_fit
+    from koopnet.cli.stages import stage_fit
 
-    path = stage_fit(args.out, scale_dir=args.scale_dir, n_delays=args.n_delays,
-                     rank=args.rank, tikhonov=args.tikhonov, constant=args.constant,
-                     protocol=args.protocol, force=args.force)
+    path = stage_fit(args.out, scale_dir=args.scale_dir, spec=spec_from_args(args),
+                     force=args.force)
     config = json.loads(path.read_text())["config"]
-    print(json.dumps({"out": str(path.parent), "n_delays": config["n_delays"],
-                      "fitted_rank": config["fitted_rank"], "n_pairs": config["n_pairs"]}))
+    print(json.dumps({"out": str(path.parent), "n_delays": config["fit"]["n_delays"],
+                      "rank_": config["rank_"], "n_pairs": config["n_pairs"]}))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from koopnet.api import stage_evaluate
+    from koopnet.cli.stages import stage_evaluate
 
     path = stage_evaluate(args.out, fit_dir=args.fit_dir, data=args.data, labels=args.labels,
                           data_dir=args.data_dir, force=args.force)
@@ -132,8 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from koopnet.artifacts import atomic_write_text
-    from koopnet.report import render_report
+    from koopnet.io.artifacts import atomic_write_text
+    from koopnet.lab.report import render_report
 
     run = Path(args.run_dir)
     path = run / "results.json"
@@ -142,7 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                                 "`koopnet evaluate` first.")
     results = json.loads(path.read_text())
     if isinstance(results, dict) and results.get("stage") == "evaluate":
-        from koopnet.api import render_evaluation
+        from koopnet.lab.report import render_evaluation
 
         atomic_write_text(run / "report.md", render_evaluation(results))
         print(run / "report.md")
@@ -157,18 +131,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """``koopnet study``: observables, baselines, ablations and spectra over several seeds."""
-    from koopnet.artifacts import prepare_output_dir, write_json
-    from koopnet.study import make_figures, run_study, save_spectra
+    from koopnet.io.artifacts import write_json
+    from koopnet.lab.run import write_run
+    from koopnet.lab.spectra import make_figures, save_spectra
+    from koopnet.lab.study import run_study
 
-    out = prepare_output_dir(args.out, force=args.force)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+    out = check_output_dir(args.out, force=args.force)
+    seeds = list(range(args.seed, args.seed + check_int(args.seeds, "--seeds", low=1)))
     results, figures, tensors = run_study(args.dataset, seeds=seeds, quick=args.quick,
                                           progress=not args.quiet)
-    save_spectra(out, tensors)
-    write_json(out / "results.json", results)
-    written = make_figures(out, pdf=args.pdf)
-    results["study"]["figures"] = [Path(p).name for p in written if p.endswith(".png")]
-    _write_run(out, results, figures, pdf=args.pdf)
+    with staged_folder(out, force=args.force) as stage:
+        save_spectra(stage, tensors)
+        write_json(stage / "results.json", results)
+        written = make_figures(stage, pdf=args.pdf)
+        results["study"]["figures"] = [Path(p).name for p in written if p.endswith(".png")]
+        write_run(stage, results, figures, pdf=args.pdf)
     print(json.dumps({"out": str(out), "seeds": seeds, "figures": len(written),
                       "comparison_rows": len(results["comparison"])}))
     return 0
@@ -251,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=cmd_study)
 
     _add_stage_parsers(sub)
-    from koopnet.fitting import add_fit_arguments
+    from koopnet.cli.fit import add_fit_arguments
 
     fit = add_fit_arguments(sub.add_parser(
         "fit", help="stage 3: fit the DMD and build the hybrid from a scale folder; or a "
@@ -272,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("reproduce", "study"):
+        import matplotlib
+
+        matplotlib.use("Agg")  # figures go to files; never open a window
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

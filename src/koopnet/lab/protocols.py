@@ -19,13 +19,15 @@ import dataclasses
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from koopnet.datasets import (
+from koopnet._version import __version__
+from koopnet.hybrid import KoopmanHybrid
+from koopnet.io.datasets import (
     DataSplits,
     Split,
     idx_splits,
@@ -35,18 +37,11 @@ from koopnet.datasets import (
     raw_images,
     yinyang_splits,
 )
-from koopnet.dmd import DMD
-from koopnet.hybrid import KoopmanHybrid
-from koopnet.models import (
-    MNIST_RECIPE,
-    YINYANG_RECIPE,
-    TrainConfig,
-    accuracy,
-    build_mlp,
-    train_classifier,
-)
+from koopnet.lab.recipes import ExperimentConfig
+from koopnet.models import accuracy, build_mlp, train_classifier
 from koopnet.observables import TimeDelay
-from koopnet.scaling import MNIST_SCALING, YINYANG_SCALING, ScaledMLP, scale_layer
+from koopnet.scaling import ScaledMLP, scale_layer
+from koopnet.spec import FitSpec
 from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series
 from koopnet.trajectories import collect_trajectories
 
@@ -54,118 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 
 
-@dataclass
-class ExperimentConfig:
-    """Everything a run depends on; written into results.json so a run can be repeated."""
-
-    dataset: str = "yinyang"
-    protocol: str = "clean"
-    seed: int = 0
-    widths: list[int] = field(default_factory=lambda: [2, 8, 6, 4, 3, 2])
-    activation: str = "relu"
-    # The paper's recipe is 10k AdamW steps on 2k points; on the 5k clean training split the
-    # same budget at lr 1e-2 reaches 98.6-99.5% test over seeds 0-2 (seconds on 2 cores).
-    base: TrainConfig = field(default_factory=lambda: dataclasses.replace(
-        YINYANG_RECIPE, epochs=1500, lr=1e-2))
-    # Scaling trains on fixed (input, target) pairs, so full-batch steps at lr 1e-2 are enough:
-    # 1000 steps bring the Huber loss to ~1e-5 on every layer (the paper spends 12k steps).
-    scaling: TrainConfig = field(default_factory=lambda: dataclasses.replace(
-        YINYANG_SCALING, epochs=1000, batch_size=5000, lr=1e-2, plateau_patience=100))
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
-    n_inserted: int = 10
-    scaling_retries: int = 2  # fresh seeds after a failed scaling (see scaling.scale_layer)
-    # He-normal inserts (the paper's) make the states s_1..s_N diverse nonlinear features of s_0,
-    # which is what the delay coordinates feed on; near-identity inserts keep every unit alive
-    # but leave the states almost equal. scale_layer retries dead runs and falls back to it.
-    init: str = "he"
-    delays: list[int] = field(default_factory=lambda: list(range(11)))
-    ranks: list = field(default_factory=lambda: [None, 0, 0.9999, 0.999, 0.99])
-    tikhonovs: list[float] = field(default_factory=lambda: [0.0, 1e-6, 1e-4, 1e-2])
-    constants: list[bool] = field(default_factory=lambda: [False, True])
-    trajectory_counts: list[int] | None = None  # paper protocol: M values; None = all
-    data_dir: str | None = None
-    # MNIST paper protocol: the paper fed raw pixels (0..255, not normalised) to the networks
-    # when it recorded the DMD trajectories; the hybrid is still scored on normalised inputs.
-    raw_pixel_trajectories: bool = False
-    train_subset: int | None = None  # use only the first n training samples (smoke tests)
-    # Exact-DMD roll-out (see DMD): within-trajectory pairs never hold the replaced layer's
-    # output as a newest state, so the paper's projected roll-out loses it (MNIST layer 3,
-    # h=10: 33% vs 90% test in a quick run). The clean protocol uses it; the paper protocol
-    # keeps the projected one, as PyKoopman does.
-    exact_rollout: bool = False
-    scaling_subset: int | None = None  # train the inserted blocks on the first n of them
-
-
-def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
-                   quick: bool = False) -> ExperimentConfig:
-    """The recipe for a data set and protocol; ``quick`` shrinks it to a smoke test."""
-    if protocol not in ("clean", "paper"):
-        raise ValueError(f"protocol={protocol!r} must be 'clean' or 'paper'.")
-    config = ExperimentConfig(dataset=dataset, protocol=protocol, seed=seed,
-                              exact_rollout=protocol == "clean")
-    if dataset in ("mnist",) or dataset.startswith("idx:"):
-        config.widths = [784, 256, 128, 64, 32, 10]
-        config.base, config.scaling = MNIST_RECIPE, MNIST_SCALING
-    elif dataset == "yinyang3":
-        config.widths = [4, 8, 6, 4, 3, 3]
-    elif dataset != "yinyang":
-        raise ValueError(f"unknown dataset {dataset!r}; use yinyang, yinyang3, mnist or idx:PATH.")
-    if protocol == "paper":
-        config.delays = list(range(1, 11))
-        config.ranks, config.tikhonovs, config.constants = [None], [0.0], [False]
-        if dataset.startswith("yinyang"):
-            # He-normal inserts only, as the paper: a dead run retries with fresh seeds instead
-            # of switching to the near-identity init, which would change the method.
-            config.scaling_retries = 4
-            config.base = YINYANG_RECIPE
-            config.scaling = YINYANG_SCALING
-            config.trajectory_counts = [500, 5000]
-        else:
-            config.ranks = [500]
-            config.trajectory_counts = [1, 10, 50, 500]
-    if quick:
-        config.base = dataclasses.replace(config.base, epochs=max(3, config.base.epochs // 20))
-        config.scaling = dataclasses.replace(config.scaling,
-                                             epochs=max(3, config.scaling.epochs // 20))
-        config.delays = [h for h in config.delays if h in (0, 1, 5, 10)]
-        config.ranks = config.ranks[:2]
-        config.tikhonovs = config.tikhonovs[:2]
-        if config.trajectory_counts:
-            config.trajectory_counts = config.trajectory_counts[-1:]
-    if dataset == "mnist" or dataset.startswith("idx:"):
-        _idx_defaults(config, quick)
-    return config
-
-
-def _idx_defaults(config: ExperimentConfig, quick: bool) -> None:
-    """MNIST-size budgets: the clean run must finish in 30 minutes on 2 cores.
-
-    The paper protocol keeps the paper's recipes (base: AdamW lr 1e-2, 30 epochs; scaling: 100
-    epochs on all 60k) and its grid (rank 500, M in {1, 10, 50, 500}, h = 1..10).
-    """
-    if config.protocol == "paper":
-        config.raw_pixel_trajectories = True
-    else:
-        # Scaling regresses fixed targets, so a 20k subset and 600 steps of batch 1024 replace
-        # the paper's 1500 steps of batch 4096 on 60k (layer 1's inserts cost 10 x 256^2 MACs
-        # per sample, the bulk of a run). The constant observable and a short rank/Tikhonov
-        # list keep the sweep to 15 fits per (layer, h); rank=500/200 rows exist only where
-        # D = W (h + 1) + 1 exceeds them.
-        config.scaling = dataclasses.replace(config.scaling, epochs=30, batch_size=1024)
-        config.scaling_subset = 20000
-        config.constants = [True]
-        config.ranks = [None, 0.9999, 0.999, 500, 200]
-        config.tikhonovs = [0.0, 1e-6, 1e-4]
-    if quick:
-        config.train_subset, config.scaling_subset = 5000, None
-        config.layers = [config.layers[-1]]
-        config.base = dataclasses.replace(config.base, epochs=8, batch_size=256)
-        config.scaling = dataclasses.replace(config.scaling, epochs=10, batch_size=256)
-        config.delays = [h for h in config.delays if h in (1, 5, 10)]
-        config.ranks, config.tikhonovs = config.ranks[:2], config.tikhonovs[:1]
-
-
-@dataclass
+@dataclass(frozen=True)
 class ProtocolData:
     """What the protocol trains and scores on."""
 
@@ -199,10 +83,12 @@ def load_protocol_data(config: ExperimentConfig) -> ProtocolData:
         data = _clean_data(idx_splits(root, name=name, n_val=None, seed=config.seed))
     n = config.train_subset
     if n is not None:
-        data.base, data.scaling = data.base.subset(slice(0, n)), data.scaling.subset(slice(0, n))
-        data.trajectories = data.trajectories.subset(slice(0, n))
+        data = dataclasses.replace(data, base=data.base.subset(slice(0, n)),
+                                   scaling=data.scaling.subset(slice(0, n)),
+                                   trajectories=data.trajectories.subset(slice(0, n)))
     if config.scaling_subset is not None:
-        data.scaling = data.scaling.subset(slice(0, config.scaling_subset))
+        data = dataclasses.replace(
+            data, scaling=data.scaling.subset(slice(0, config.scaling_subset)))
     return data
 
 
@@ -211,7 +97,7 @@ def _paper_idx_data(config: ExperimentConfig, root, name: str) -> ProtocolData:
     normalised training images, hybrid scored (and picked, as the paper did) on the 10k test
     images, DMD trajectories from half of the training images (a seeded 30k/30k split), fed as
     raw pixels when ``raw_pixel_trajectories`` is set."""
-    from koopnet.idx import MNIST_MEAN, MNIST_STD
+    from koopnet.io.idx import MNIST_MEAN, MNIST_STD
 
     train_x, train_y, test_x, test_y = load_idx_arrays(root, name=name)
     train = Split(normalize_images(train_x, MNIST_MEAN, MNIST_STD),
@@ -269,11 +155,25 @@ def scale_for_protocol(config: ExperimentConfig, model: torch.nn.Sequential,
 
 
 def score_states(hybrid: KoopmanHybrid, states: dict[str, torch.Tensor],
-              labels: dict[str, torch.Tensor]) -> dict[str, float]:
+                 labels: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{split}_accuracy`` of the hybrid from already collected states of each split."""
     with torch.no_grad():
         return {f"{name}_accuracy": float((hybrid.forward_states(states[name]).argmax(1)
                                            == labels[name]).float().mean())
                 for name in states}
+
+
+def result_row(hybrid: KoopmanHybrid, spec: FitSpec, scores: dict[str, float], *,
+               observable: str = "delay", **extra) -> dict:
+    """One row of a sweep or a study: where, how it was fitted, what it costs, how it scores.
+
+    The one builder of result rows, so the sweep, the study and the report read the same keys.
+    """
+    return {"layer": hybrid.layer, "observable": observable, "n_delays": spec.n_delays,
+            "constant": spec.constant, "rank": spec.rank, "rank_resolved": hybrid.rank_,
+            "tikhonov": spec.tikhonov, "linear_steps": hybrid.linear_steps,
+            "nonlinear_blocks": hybrid.nonlinear_blocks,
+            "replacement_parameters": hybrid.n_replacement_parameters, **extra, **scores}
 
 
 def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
@@ -312,7 +212,9 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
             for tikhonov in config.tikhonovs:
                 asked = rank if moments is not None else _paper_rank(
                     rank, (len(series[m][0]) - 1 - h, observable.n_output_features_))
-                dmd = DMD(asked, tikhonov=tikhonov, exact_rollout=config.exact_rollout)
+                spec = FitSpec(h, asked, tikhonov, constant, config.pairing,
+                               config.exact_rollout)
+                dmd = spec.dmd()
                 try:
                     if moments is not None:
                         dmd.fit_statistics(source)
@@ -322,14 +224,9 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
                 except ValueError as err:
                     log.info("skipping layer %d h=%d rank=%s: %s", scaled.layer, h, rank, err)
                     continue
-                hybrid = KoopmanHybrid(scaled, observable, dmd)
-                row = {"layer": scaled.layer, "observable": "delay", "n_delays": h,
-                       "constant": constant, "rank": rank, "rank_resolved": dmd.rank_,
-                       "tikhonov": tikhonov, "trajectories": m,
-                       "linear_steps": hybrid.linear_steps,
-                       "nonlinear_blocks": hybrid.nonlinear_blocks,
-                       "replacement_parameters": hybrid.n_replacement_parameters,
-                       **score_states(hybrid, states, labels)}
+                hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
+                row = result_row(hybrid, spec.replace(rank=rank),
+                                 score_states(hybrid, states, labels), trajectories=m)
                 fits[len(rows)] = (dmd, hybrid)
                 rows.append(row)
     return rows, fits
@@ -350,8 +247,6 @@ def select(rows: list[dict]) -> dict:
 
 
 def environment() -> dict:
-    from koopnet import __version__
-
     return {"koopnet": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "device": "cpu",
             "threads": torch.get_num_threads()}

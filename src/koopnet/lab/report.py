@@ -31,7 +31,7 @@ def paper_grid_section(results: dict) -> list[str]:
 
     Each cell reads ``ours vs paper (ours - paper)`` in percent; empty for other runs.
     """
-    from koopnet.paper import PAPER_MNIST, PAPER_MNIST_DELAYS, PAPER_MNIST_GRID
+    from koopnet.lab.paper import PAPER_MNIST, PAPER_MNIST_DELAYS, PAPER_MNIST_GRID
 
     if results.get("dataset") != "mnist" or results.get("protocol") != "paper":
         return []
@@ -68,7 +68,7 @@ def paper_grid_section(results: dict) -> list[str]:
 
 def paper_yinyang_section(results: dict) -> list[str]:
     """Yin-Yang, paper protocol: our numbers next to the paper's three; empty for other runs."""
-    from koopnet.paper import PAPER_YINYANG
+    from koopnet.lab.paper import PAPER_YINYANG
 
     if results.get("dataset") != "yinyang" or results.get("protocol") != "paper":
         return []
@@ -326,7 +326,8 @@ def _study_figures(results: dict) -> list[str]:
         return []
     lines = ["## Study figures", "",
              "Drawn by `koopnet study` from results.json and spectra.safetensors "
-             "(`python -c \"from koopnet.study import make_figures; make_figures('RUN_DIR')\"` "
+             "(`python -c \"from koopnet.lab.spectra import make_figures; "
+             "make_figures('RUN_DIR')\"` "
              "redraws them).", ""]
     for name in names:
         stem = Path(name).stem
@@ -334,3 +335,20 @@ def _study_figures(results: dict) -> list[str]:
                        "")
         lines += [f"![{stem}]({Path(name).name})", "", f"*{stem}*: {caption}", ""]
     return lines
+
+
+def render_evaluation(results: dict) -> str:
+    """Markdown for an evaluate folder's results.json."""
+    fit = results.get("fit", {})
+    lines = [f"# koopnet evaluation: layer {results['layer']}, h={results['n_delays']}", "",
+             f"Hidden layer {results['layer'] + 1} replaced by a linear operator of rank "
+             f"{fit.get('rank_')} ({results['linear_steps']} linear steps, "
+             f"{fit.get('pairing')} pairs, tikhonov {fit.get('tikhonov')}, constant "
+             f"{fit.get('constant')}). Data: `{results['data']['source']}`.", "",
+             "| split | n | metric | original % | scaled % | hybrid % |",
+             "|---|---|---|---|---|---|"]
+    order = {"val": 0, "test": 1}
+    for split, m in sorted(results["metrics"].items(), key=lambda kv: order.get(kv[0], 2)):
+        lines.append(f"| {split} | {m['n']} | {m['metric']} | {100 * m['original']:.2f} | "
+                     f"{100 * m['scaled']:.2f} | {100 * m['hybrid']:.2f} |")
+    return "\n".join([*lines, ""])

@@ -15,7 +15,7 @@ delay-DMD sweep). Its base model and scaled layers are then reused for everythin
 
 Results go under new top-level keys of results.json ("comparison", "baselines", "ablations",
 "seeds", "study"); spectra are saved in ``spectra.safetensors`` so every figure can be redrawn
-from the run folder alone (:func:`make_figures`).
+from the run folder alone (:func:`koopnet.lab.spectra.make_figures`).
 """
 
 from __future__ import annotations
@@ -23,32 +23,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from koopnet.analysis import (
-    hankel_right_singular_vectors,
+from koopnet.dmd import DMD, PairStatistics
+from koopnet.hybrid import KoopmanHybrid
+from koopnet.lab.baselines import (
     jacobian_baseline,
     reduced_rank_baseline,
-    resdmd_residuals,
     ridge_baseline,
     softmax_floor,
 )
-from koopnet.dmd import DMD, PairStatistics
-from koopnet.experiments import (
-    default_config,
+from koopnet.lab.protocols import (
     load_protocol_data,
+    result_row,
     run_experiment,
     score_states,
     select,
     sweep_layer,
 )
-from koopnet.hybrid import KoopmanHybrid
+from koopnet.lab.recipes import default_config
+from koopnet.lab.spectra import hankel_right_singular_vectors, resdmd_residuals
 from koopnet.models import predict_logits
 from koopnet.observables import Polynomial, RandomFourier, TimeDelay, snapshot_pairs
 from koopnet.scaling import scale_layer
+from koopnet.spec import FitSpec
 from koopnet.trajectories import collect_trajectories
 
 log = logging.getLogger(__name__)
@@ -56,25 +56,25 @@ log = logging.getLogger(__name__)
 OBSERVABLES = ("delay", "identity", "polynomial", "rbf", "rbf, fitted read-out")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """Grids of the study. Every choice is made on validation accuracy."""
 
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: tuple = (0, 1, 2, 3, 4)
     # the same grid for every observable; as wide as the main sweep's where it matters (a
     # narrower one cost delay DMD up to 25 points on layer 1)
-    ranks: list = dataclasses.field(default_factory=lambda: [None, 0, 0.999, 0.99])
-    tikhonovs: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1e-4, 1e-2])
-    constants: list[bool] = dataclasses.field(default_factory=lambda: [False, True])
+    ranks: tuple = (None, 0, 0.999, 0.99)
+    tikhonovs: tuple = (0.0, 1e-4, 1e-2)
+    constants: tuple = (False, True)
     poly_max_features: int = 200
     rff_features: int = 200
     rff_scale: float = 2.0
-    inserted: list[int] = dataclasses.field(default_factory=lambda: [5, 20])
+    inserted: tuple = (5, 20)
     # layers whose scaling is re-trained for the init and N ablations (the costly part)
-    scaling_ablation_layers: list[int] = dataclasses.field(default_factory=lambda: [1])
-    eig_trajectories: list[int] = dataclasses.field(default_factory=lambda: [50, 500])
-    eig_delays: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 50, 100])
-    hankel_stacks: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 50])
+    scaling_ablation_layers: tuple = (1,)
+    eig_trajectories: tuple = (50, 500)
+    eig_delays: tuple = (1, 10, 50, 100)
+    hankel_stacks: tuple = (1, 10, 50)
     grid_points: int = 200
 
 
@@ -123,20 +123,14 @@ def compare_layer(scaled, train_states, states, labels, delays, config: StudyCon
                     except ValueError as err:
                         log.info("skipping %s h=%d rank=%s: %s", name, h, rank, err)
                         continue
-                    hybrid = KoopmanHybrid(scaled, observable, dmd, n_blocks=h)
-                    row = {"layer": scaled.layer, "observable": name, "n_delays": h,
-                           "constant": constant, "rank": rank, "rank_resolved": dmd.rank_,
-                           "tikhonov": tikhonov,
-                           "lifted_dimension": observable.n_output_features_,
-                           "linear_steps": hybrid.linear_steps,
-                           "nonlinear_blocks": hybrid.nonlinear_blocks,
-                           "replacement_parameters": hybrid.n_replacement_parameters,
-                           "seed": seed}
-                    with torch.no_grad():
-                        for k, g in lifted.items():  # = hybrid.forward_states(states[k])
-                            logits = hybrid.forward_lifted(g)
-                            row[f"{k}_accuracy"] = float((logits.argmax(1) == labels[k])
-                                                         .float().mean())
+                    hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd, n_blocks=h)
+                    with torch.no_grad():  # = hybrid.forward_states(states[k])
+                        scores = {f"{k}_accuracy": float(
+                            (hybrid.forward_lifted(g).argmax(1) == labels[k]).float().mean())
+                            for k, g in lifted.items()}
+                    spec = FitSpec(h, rank, tikhonov, constant, exact_rollout=exact_rollout)
+                    row = result_row(hybrid, spec, scores, observable=name, seed=seed,
+                                     lifted_dimension=observable.n_output_features_)
                     key = (row["val_accuracy"], -row["rank_resolved"])
                     if best is None or key > best[0]:
                         best = (key, row, (observable, dmd))
@@ -183,7 +177,7 @@ def layer_ablations(config, study: StudyConfig, model, scaled, scaled_init: str,
     grid = {"rank": study.ranks, "tikhonov": study.tikhonovs, "constant": study.constants}
     small = dataclasses.replace(config, ranks=study.ranks, tikhonovs=study.tikhonovs,
                                 constants=study.constants,
-                                delays=list(range(max(study.inserted) + 1)))
+                                delays=tuple(range(max(study.inserted) + 1)))
     main = _best(sweep_rows, **grid)
     rows = [_ablation("scaling init", layer, f"{scaled_init} (main run)", main, seed)]
     variants = [("scaling init", "identity", 10, "near-identity")]
@@ -224,7 +218,7 @@ def _window_ablation(config, scaled, data, seed: int) -> list[dict]:
             observable = TimeDelay(h).fit(train.states)
             dmd = DMD(None, exact_rollout=config.exact_rollout)
             dmd.fit_pairs(*snapshot_pairs(observable.transform(series)))
-            hybrid = KoopmanHybrid(scaled, observable, dmd)
+            hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
             candidates.append({"n_delays": h, "linear_steps": hybrid.linear_steps,
                                "rank_resolved": dmd.rank_, **score_states(hybrid, states, labels)})
         rows.append(_ablation("trajectory windows", scaled.layer, variant, select(candidates),
@@ -292,10 +286,10 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
                          "small layers); use 'yinyang'.")
     study = study or StudyConfig()
     if seeds is not None:
-        study.seeds = list(seeds)
+        study = dataclasses.replace(study, seeds=tuple(seeds))
     if quick:
-        study = dataclasses.replace(study, inserted=[5], eig_trajectories=[50],
-                                    eig_delays=[1, 10], hankel_stacks=[1, 10], grid_points=60,
+        study = dataclasses.replace(study, inserted=(5,), eig_trajectories=(50,),
+                                    eig_delays=(1, 10), hankel_stacks=(1, 10), grid_points=60,
                                     rff_features=50, poly_max_features=50)
     first = None
     comparison, baselines, ablations, runs = [], [], [], []
@@ -304,7 +298,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
         clock = time.perf_counter()
         config = default_config(dataset, seed=seed, quick=quick)
         if quick:  # smoke test: the first layer only
-            config.layers = config.layers[:1]
+            config = dataclasses.replace(config, layers=config.layers[:1])
         results, figures = run_experiment(config, progress=False)
         data = load_protocol_data(config)
         runs.append({"seed": seed, "original": results["original"], "scaled": results["scaled"],
@@ -324,7 +318,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
                       for k, s in (("val", data.val), ("test", data.test))}
             labels = {"val": data.val.y, "test": data.test.y}
             rows, fits = compare_layer(scaled, train_states, states, labels, config.delays,
-                                       study, seed, getattr(config, "exact_rollout", False))
+                                       study, seed, config.exact_rollout)
             comparison += rows
             fits_by_layer[layer] = (rows, fits)
             delay_best = select([r for r in rows if r["observable"] == "delay"])
@@ -351,7 +345,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
         tensors["grid/test_X"], tensors["grid/test_y"] = data.test.X, data.test.y
     results = {**results, "comparison": comparison, "baselines": baselines,
                "ablations": ablations,
-               "seeds": {"seeds": study.seeds, "runs": runs, "timings_s": timings},
+               "seeds": {"seeds": list(study.seeds), "runs": runs, "timings_s": timings},
                "study": {"config": _jsonable(dataclasses.asdict(study)), "quick": quick,
                          "decision_layer": results["selected"]["layer"],
                          "decision_setting": {k: results["selected"][k] for k in (
@@ -361,85 +355,3 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
 
 def _jsonable(value):
     return value if not isinstance(value, tuple) else list(value)
-
-
-def save_spectra(out: Path, tensors: dict[str, torch.Tensor]) -> str:
-    from koopnet.artifacts import save_artifact
-
-    clean = {k: v.detach().to(torch.float64 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in tensors.items()}
-    return str(save_artifact(out, "spectra", clean, {"keys": sorted(clean)}, kind="spectra"))
-
-
-def _sv_label(name: str) -> str:
-    """Spectra keys name the dictionary; those without an h were lifted with h=10."""
-    if name == "identity":
-        return "identity (h=0)"
-    return name if "h=" in name else f"{name} h=10"
-
-
-def make_figures(run_dir, *, pdf: bool = False) -> list[str]:
-    """Draw every study figure from ``results.json`` and ``spectra.safetensors`` in ``run_dir``."""
-    import json
-
-    from koopnet import plots
-    from koopnet.artifacts import load_artifact
-
-    run = Path(run_dir)
-    results = json.loads((run / "results.json").read_text())
-    tensors, _ = load_artifact(run, "spectra", kind="spectra")
-    dataset, written = results["dataset"], []
-    layers = sorted({int(k.split("/")[0][5:]) for k in tensors if k.startswith("layer")})
-    for layer in layers:
-        prefix = f"layer{layer}/"
-        eig = {key[len(prefix) + 4:]: torch.view_as_complex(v) for key, v in tensors.items()
-               if key.startswith(prefix + "eig/")}
-        res = {key[len(prefix) + 4:]: v for key, v in tensors.items()
-               if key.startswith(prefix + "res/")}
-        fig = plots.plot_eigenvalue_grid(eig, res, title=(
-            f"{dataset} layer {layer}: DMD eigenvalues, concatenated series, full rank "
-            "(colour: ResDMD residual on held-out pairs)"))
-        written += plots.save_figure(fig, run / f"eigenvalue_grid_layer{layer}", pdf=pdf)
-        rsv = {int(key.split("/d")[-1]): v for key, v in tensors.items()
-               if key.startswith(prefix + "rsv/")}
-        fig = plots.plot_right_singular_vectors(rsv, title=(
-            f"{dataset} layer {layer}: top 7 right singular vectors of the Hankel matrix "
-            f"({max(results['study']['config']['eig_trajectories'])} trajectories, "
-            "first 5 shown)"))
-        written += plots.save_figure(fig, run / f"hankel_rsv_layer{layer}", pdf=pdf)
-        sv = {_sv_label(key[len(prefix) + 3:]): v for key, v in tensors.items()
-              if key.startswith(prefix + "sv/")}
-        sv = dict(sorted(sv.items()))
-        fig = plots.plot_singular_value_decay(sv, title=(
-            f"{dataset} layer {layer}: singular values of the lifted snapshot matrix X "
-            "(training pairs)"))
-        written += plots.save_figure(fig, run / f"singular_values_layer{layer}", pdf=pdf)
-        best = select([r for r in results["comparison"] if r["layer"] == layer
-                       and r["observable"] == "delay" and r["seed"] == results["seed"]])
-        fig = plots.plot_modes_on_neurons(
-            torch.view_as_complex(tensors[prefix + "modes"]),
-            torch.view_as_complex(tensors[prefix + "modes_eig"]), tensors[prefix + "modes_res"],
-            title=(f"{dataset} layer {layer}: Koopman modes on neurons (delay DMD, "
-                   f"h={best['n_delays']}, rank {best['rank_resolved']})"))
-        written += plots.save_figure(fig, run / f"modes_layer{layer}", pdf=pdf)
-    fig = plots.plot_accuracy_vs_linear_steps(results["comparison"], results["baselines"],
-                                              title=f"{dataset}: hybrid test accuracy vs "
-                                                    "linearly predicted steps, h = 0..10 "
-                                                    "(rank, Tikhonov chosen on validation; "
-                                                    "mean ± sd over seeds)")
-    written += plots.save_figure(fig, run / "accuracy_vs_linear_steps", pdf=pdf)
-    if "grid/original" in tensors:
-        setting = results["study"]["decision_setting"]
-        layer = results["study"]["decision_layer"]
-        scaled = next(r for r in results["scaled"] if r["layer"] == layer)
-        accuracies = {"original": results["original"]["test_accuracy"],
-                      "scaled": scaled["test_accuracy"],
-                      "hybrid": results["selected"]["test_accuracy"]}
-        fig = plots.plot_decision_boundaries(
-            tensors["grid/axis"], {f"{k} (test {100 * v:.2f}%)": tensors[f"grid/{k}"]
-                                   for k, v in accuracies.items()},
-            tensors["grid/test_X"], tensors["grid/test_y"],
-            title=(f"{dataset} decision boundaries: layer {results['study']['decision_layer']}"
-                   f", hybrid h={setting['n_delays']}, rank={setting['rank']}"))
-        written += plots.save_figure(fig, run / "decision_boundaries", pdf=pdf)
-    return written

@@ -10,11 +10,7 @@ no inserted blocks, and are scored like the hybrids (accuracy of the remaining o
 - ``softmax_floor``: multinomial logistic regression on the raw inputs (the whole-model linear
   floor).
 
-Spectral diagnostics: ``resdmd_residuals`` (Colbrook and Townsend 2024, "Rigorous data-driven
-computation of spectral properties of Koopman operators"): for an eigenpair (lambda, w) with
-eigenfunction phi = w^T g, the relative residual ||Y w - lambda X w|| / ||X w|| on held-out pairs,
-computed from Gram matrices; a large residual flags a spurious eigenvalue.
-``hankel_right_singular_vectors`` and ``singular_value_decay`` give the paper's SVD evidence.
+Spectral diagnostics live in :mod:`koopnet.lab.spectra`.
 """
 
 from __future__ import annotations
@@ -24,9 +20,8 @@ import copy
 import torch
 from torch import nn
 
-from koopnet._checks import as_tensor, check_int
-from koopnet.datasets import Split
-from koopnet.dmd import DMD, PairStatistics
+from koopnet._checks import check_int
+from koopnet.io.datasets import Split
 from koopnet.scaling import ScaledMLP
 
 LAMBDAS = (0.0, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
@@ -138,60 +133,3 @@ def softmax_floor(train: Split, val: Split, test: Split,
         if best is None or row["val_accuracy"] > best["val_accuracy"]:
             best = row
     return best
-
-
-def left_eigenvectors(dmd: DMD) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues and the eigenfunction coefficients w (phi(g) = w^T g) of a fitted DMD.
-
-    w = V u with u a left eigenvector of the reduced operator, so w^T V A~ V^T = lambda w^T.
-    Shape: eigenvalues [R], W [D, R] (complex).
-    """
-    eigenvalues, right = torch.linalg.eig(dmd.operator_)  # [R], [R, R]
-    left = torch.linalg.inv(right)  # row i: left eigenvector of eigenvalue i
-    return eigenvalues, dmd.basis_.to(left.dtype) @ left.T  # [D, R]
-
-
-def resdmd_residuals(dmd: DMD, stats: PairStatistics) -> torch.Tensor:
-    """Relative residual ||Y w - lambda X w|| / ||X w|| of every eigenpair on the pairs in
-    ``stats`` (held-out pairs, so a mode fitted to noise cannot score well).
-
-    residual^2 = (w* G_yy w - 2 Re(lambda w* G_yx w) + |lambda|^2 w* G_xx w) / (w* G_xx w), with
-    G_xx = X^T X, G_yx = Y^T X, G_yy = Y^T Y. Shape: [R], in the order of ``dmd.eigenvalues_``.
-    """
-    if stats.xx.shape[0] != dmd.n_features_in_:
-        raise ValueError(f"stats have D={stats.xx.shape[0]}; this DMD was fitted on "
-                         f"D={dmd.n_features_in_}. Lift the held-out pairs the same way.")
-    eigenvalues, W = left_eigenvectors(dmd)  # same LAPACK call as dmd.eigenvalues_: same order
-
-    def quad(G: torch.Tensor) -> torch.Tensor:  # w_i^* G w_i for every column, [R]
-        return (W.conj() * (G.to(W.dtype) @ W)).sum(0)
-
-    xx, yx, yy = quad(stats.xx).real, quad(stats.yx), quad(stats.yy).real
-    numerator = yy - 2 * (eigenvalues * yx).real + eigenvalues.abs() ** 2 * xx
-    return (numerator.clamp_min(0) / xx.clamp_min(torch.finfo(xx.dtype).tiny)).sqrt()
-
-
-def hankel_right_singular_vectors(series: torch.Tensor, n_stacked: int, k: int = 7
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top right singular vectors of the Hankel matrix of one series (paper-method section 8).
-
-    ``n_stacked`` = d shifted copies stacked (d = 1: no delay), so H is [W d, n - d + 1]; its
-    right singular vectors are time signals. Shape: series [n, W] -> (singular values [min],
-    Vh[:k] [k, n - d + 1]).
-    """
-    series = as_tensor(series, "series", ndim=2, dtype=torch.float64)
-    d = check_int(n_stacked, "n_stacked", low=1, high=len(series))
-    columns = len(series) - d + 1
-    hankel = torch.cat([series[j:j + columns].T for j in range(d)])  # [W d, n - d + 1]
-    _, s, Vh = torch.linalg.svd(hankel, full_matrices=False)
-    return s, Vh[:k]
-
-
-def singular_value_decay(lifted: torch.Tensor) -> torch.Tensor:
-    """Singular values of the lifted snapshot matrix (rows g_t), divided by the largest.
-
-    Shape: lifted [B, T', D] or [n, D] -> [min(n, D)].
-    """
-    lifted = torch.as_tensor(lifted, dtype=torch.float64)
-    s = torch.linalg.svdvals(lifted.reshape(-1, lifted.shape[-1]))  # [min(n, D)]
-    return s / s[0]

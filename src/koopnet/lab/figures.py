@@ -1,13 +1,10 @@
 """Figures from fitted objects. Every function takes an optional Axes and returns the Figure.
 
-The Agg backend is selected on import, so no display is needed; nothing calls ``plt.show``.
+Nothing here calls ``plt.show`` or chooses a backend: importing this module leaves the user's
+matplotlib settings alone (the command line selects the headless Agg backend itself).
 """
 
 from __future__ import annotations
-
-import matplotlib
-
-matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,7 +49,7 @@ def save_figure(fig, path, *, pdf: bool = False) -> list[str]:
     """Save as PNG (and PDF), atomically, then close the figure. Returns the written paths."""
     from pathlib import Path
 
-    from koopnet.artifacts import atomic_write_bytes
+    from koopnet.io.artifacts import atomic_write_bytes
 
     path = Path(path)
     written = []

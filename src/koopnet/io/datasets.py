@@ -6,7 +6,7 @@ sampling on the unit disk with a per-sample goal class drawn first, all from one
 ``yinyang`` is the paper's variant (Aswani et al. 2024): 2 features, 2 classes, the dots left
 empty. ``yinyang3`` is the original: 4 mirrored features, 3 classes, canonical seeds.
 
-MNIST and any MNIST-format set come from :mod:`koopnet.idx`; they are scaled to [0, 1],
+MNIST and any MNIST-format set come from :mod:`koopnet.io.idx`; they are scaled to [0, 1],
 normalised with MNIST's mean and standard deviation and flattened, as the paper did.
 """
 
@@ -115,7 +115,7 @@ def normalize_images(images: np.ndarray, mean: float, std: float) -> torch.Tenso
 def load_idx_arrays(root: str | None, *, name: str = "mnist", download: bool = True):
     """The four uint8 arrays (train images, train labels, test images, test labels) of MNIST
     (``name="mnist"``, fetched when missing) or of any MNIST-format folder (``name="idx"``)."""
-    from koopnet.idx import load_idx_dataset, load_mnist
+    from koopnet.io.idx import load_idx_dataset, load_mnist
 
     if name == "mnist":
         return load_mnist(root, download=download)
@@ -143,7 +143,7 @@ def idx_splits(
     is the file's own test split. MNIST's mean/std are used for every IDX set, as the paper did.
     ``n_val=None`` takes min(5000, a tenth of the training set), which suits small IDX sets.
     """
-    from koopnet.idx import MNIST_MEAN, MNIST_STD
+    from koopnet.io.idx import MNIST_MEAN, MNIST_STD
 
     train_x, train_y, test_x, test_y = load_idx_arrays(root, name=name, download=download)
     if n_val is None:

@@ -1,0 +1,224 @@
+"""The staged command line: ``koopnet train``, ``scale``, ``fit`` and ``evaluate``.
+
+Each stage reads the previous stage's folder, checks the hashes it recorded, and writes its own
+folder, so a user can enter at any stage with their own model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from koopnet._checks import check_finite, check_int
+from koopnet._version import __version__
+from koopnet.io.artifacts import (
+    ArtifactError,
+    check_output_dir,
+    file_sha256,
+    prepare_output_dir,
+    save_artifact,
+    write_json,
+)
+from koopnet.io.serialize import (
+    load_model_files,
+    load_with_meta,
+    save_hybrid,
+    save_model,
+    save_scaled,
+)
+from koopnet.io.sources import NAMED, fit_split, load_data, reload_data
+from koopnet.io.trajectories import dmd_tensors
+from koopnet.lab.protocols import environment
+from koopnet.lab.recipes import ExperimentConfig, default_config
+from koopnet.linearization import check_model, fit_hybrid
+from koopnet.models import accuracy, build_mlp, check_layer, predict_logits, train_classifier
+from koopnet.scaling import DEFAULT_SCALING, scale_layer
+from koopnet.spec import FitSpec
+
+__all__ = ["stage_evaluate", "stage_fit", "stage_scale", "stage_train"]
+
+
+def _stage_folder(path, name: str, stage: str, previous: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"'{folder}' is not a folder; pass the output folder of "
+                                f"`koopnet {previous}`.")
+    if not (folder / f"{name}.json").is_file():
+        raise FileNotFoundError(f"'{folder}' holds no {name}.json: it is not the output of "
+                                f"`koopnet {previous}` (or that run was interrupted; re-run it).")
+    return folder
+
+
+def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", labels=None,
+                epochs: int | None = None, lr: float | None = None,
+                batch_size: int | None = None, seed: int = 0, data_dir: str | None = None,
+                force: bool = False, progress: bool = False) -> Path:
+    """``koopnet train``: train an MLP on a data set's training split -> ``out/model.*``."""
+    splits, record = load_data(dataset, labels=labels, data_dir=data_dir, seed=seed)
+    X, y = fit_split(splits)
+    if y is None:
+        raise ValueError(f"training needs labels; '{dataset}' has none. Pass --labels y.npy or a "
+                         ".safetensors file with a tensor 'y'.")
+    n_classes = int(y.max()) + 1
+    named = dataset in NAMED or dataset.startswith("idx:")
+    recipe = default_config(dataset).base if named else ExperimentConfig().base
+    if widths is None:
+        hidden = default_config(dataset).widths[1:-1] if named else [16, 16]
+        widths = [X.shape[1], *hidden, n_classes]
+    widths = [check_int(w, "width", low=1) for w in widths]
+    if widths[0] != X.shape[1]:
+        raise ValueError(f"--widths starts with {widths[0]} but the data has {X.shape[1]} "
+                         f"features; start the widths with {X.shape[1]}.")
+    if widths[-1] < n_classes:
+        raise ValueError(f"--widths ends with {widths[-1]} outputs but the labels have "
+                         f"{n_classes} classes; end the widths with {n_classes}.")
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size))
+                 if v is not None}
+    recipe = dataclasses.replace(recipe, **overrides)
+    check_int(recipe.epochs, "epochs", low=1)
+    folder = prepare_output_dir(out, force=force)
+    clock = time.perf_counter()
+    torch.manual_seed(seed)  # build_mlp draws the initial weights from the global generator
+    model = build_mlp(widths, activation)
+    history = train_classifier(model, X, y, recipe, seed=seed, progress=progress)
+    check_finite(torch.tensor(history), "training loss",
+                 " Training diverged; lower --lr or check the data scale.")
+    metrics = {f"{name}_accuracy": accuracy(model, *split) for name, split in splits.items()
+               if name in ("train", "val", "data") and split[1] is not None}
+    metadata = {"stage": "train", "data": record, "seed": seed, "widths": widths,
+                "activation": activation, "train": dataclasses.asdict(recipe),
+                "final_loss": history[-1], "metrics": metrics,
+                "seconds": round(time.perf_counter() - clock, 3)}
+    return save_model(model, folder, "model", metadata=metadata, parents=dict(record["sha256"]))
+
+
+def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=None,
+                layer: int, n_inserted: int = 10, init: str = "he", epochs: int | None = None,
+                seed: int = 0, data_dir: str | None = None, force: bool = False,
+                progress: bool = False) -> Path:
+    """``koopnet scale``: insert and train blocks after hidden layer ``layer`` -> ``out/scaled.*``.
+
+    The model comes from a train folder ``run`` or from a user's ``model`` (safetensors state
+    dict) + ``config`` (JSON); the inputs from the train folder's data set or ``data``.
+    """
+    if (run is None) == (model is None):
+        raise ValueError("pass either a train folder (koopnet scale RUN ...) or --model "
+                         "weights.safetensors --config model.json, not both.")
+    if model is not None:
+        if config is None:
+            raise ValueError("--model needs --config model.json describing the architecture, "
+                             'e.g. {"widths": [5, 12, 12, 7, 4], "activation": "tanh"}.')
+        if data is None:
+            raise ValueError("--model needs --data: a data set name, a .npy file or a "
+                             ".safetensors file with 'X' (and 'y').")
+        network, _ = load_model_files(model, config)
+        parents = {"model": file_sha256(model)}
+        sources = {"model": str(Path(model).resolve()), "config": str(Path(config).resolve())}
+        splits, record = load_data(data, labels=labels, data_dir=data_dir, seed=seed)
+    else:
+        folder = _stage_folder(run, "model", "scale", "train")
+        network, meta = load_with_meta(folder, "model")
+        parents = {"model": meta["sha256"]}
+        sources = {"model": str(folder.resolve())}
+        if data is None:
+            splits, record = reload_data(meta, folder / "model.json", "train", "pass --data")
+        else:
+            splits, record = load_data(data, labels=labels, data_dir=data_dir, seed=seed)
+    parents.update(record["sha256"])
+    X, y = fit_split(splits)
+    layer = check_layer(network, layer)
+    check_model(network, X, layer)
+    n_inserted = check_int(n_inserted, "n_inserted", low=0)
+    recipe = DEFAULT_SCALING if epochs is None else dataclasses.replace(
+        DEFAULT_SCALING, epochs=check_int(epochs, "epochs", low=1))
+    out = prepare_output_dir(out, force=force)
+    clock = time.perf_counter()
+    scaled, report = scale_layer(network, layer, X, y, n_inserted=n_inserted, init=init,
+                                 config=recipe, seed=seed, progress=progress)
+    metadata = {"stage": "scale", "data": record, "seed": seed, "init": init,
+                "n_inserted": n_inserted, "scaling": dataclasses.asdict(recipe),
+                "report": {"ok": report.ok, "agreement": report.agreement, "init": report.init,
+                           "attempts": report.attempts},
+                "sources": sources, "seconds": round(time.perf_counter() - clock, 3)}
+    return save_scaled(scaled, out, "scaled", metadata=metadata, parents=parents)
+
+
+def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
+    """``koopnet fit SCALE_DIR``: trajectories of the recorded inputs -> DMD -> hybrid.
+
+    Writes ``out/dmd.*`` (the same format as ``koopnet fit --trajectories``) and
+    ``out/hybrid.*``.
+    """
+    check_output_dir(out, force=force)
+    folder = _stage_folder(scale_dir, "scaled", "fit", "scale")
+    scaled, meta = load_with_meta(folder, "scaled")
+    splits, record = reload_data(meta, folder / "scaled.json", "scale", "re-run koopnet scale")
+    X, _ = fit_split(splits)
+    clock = time.perf_counter()
+    hybrid = fit_hybrid(scaled, X, spec=spec)
+    dmd = hybrid.dmd_
+    settings = {"stage": "fit", "data": record, "fit": spec.as_dict(),
+                "n_features": dmd.n_features_in_, "n_pairs": dmd.n_pairs_,
+                "sources": {"scaled": str(folder.resolve())},
+                "seconds": round(time.perf_counter() - clock, 3)}
+    parents = {"scaled": meta["sha256"]}
+    out = prepare_output_dir(out, force=force)
+    save_artifact(out, "dmd", dmd_tensors(dmd), {**settings, "rank_": dmd.rank_}, kind="dmd",
+                  parents=parents)
+    return save_hybrid(hybrid, out, "hybrid", metadata=settings, parents=parents)
+
+
+def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None = None,
+                   force: bool = False) -> Path:
+    """``koopnet evaluate FIT_DIR``: accuracy of original, scaled and hybrid -> results.json.
+
+    Named data sets are scored on their validation and test splits; file data on the file
+    (accuracy with labels, else agreement with the original network's predictions).
+    """
+    folder = _stage_folder(fit_dir, "hybrid", "evaluate", "fit")
+    clock = time.perf_counter()
+    hybrid, hmeta = load_with_meta(folder, "hybrid")
+    scale_dir = Path(hmeta["config"].get("sources", {}).get("scaled", ""))
+    if not (scale_dir / "scaled.json").is_file():
+        raise FileNotFoundError(f"the scale folder '{scale_dir}' recorded in '{folder}/hybrid"
+                                ".json' is gone; restore it or re-run koopnet scale and fit.")
+    scaled, smeta = load_with_meta(scale_dir, "scaled")
+    if smeta["sha256"] != hmeta["parents"].get("scaled"):
+        raise ArtifactError(f"'{scale_dir}/scaled.safetensors' changed since '{folder}' was "
+                            "fitted from it (hash mismatch); re-run koopnet fit.")
+    if data is None:
+        splits, record = reload_data(hmeta, folder / "hybrid.json", "scale", "pass --data")
+    else:
+        splits, record = load_data(data, labels=labels, data_dir=data_dir)
+    if "train" in splits:
+        splits = {k: v for k, v in splits.items() if k in ("val", "test")}
+    models = {"original": scaled.original(), "scaled": scaled, "hybrid": hybrid}
+    for X, _ in splits.values():
+        check_model(models["original"], X, hybrid.layer)
+    out = prepare_output_dir(out, force=force)
+    metrics = {}
+    for split, (X, y) in splits.items():
+        predictions = {k: predict_logits(m, X).argmax(1) for k, m in models.items()}
+        reference, metric = (y, "accuracy") if y is not None else (
+            predictions["original"], "agreement_with_original")
+        metrics[split] = {"n": len(X), "metric": metric,
+                          **{k: float((p == reference).float().mean())
+                             for k, p in predictions.items()}}
+    config = hmeta["config"]
+    results = {
+        "stage": "evaluate", "schema": 1, "koopnet_version": __version__,
+        "data": record, "layer": hybrid.layer, "n_delays": hybrid.n_delays,
+        "linear_steps": hybrid.linear_steps,
+        "fit": {**config["fit"], "rank_": hybrid.rank_, "n_pairs": config.get("n_pairs")},
+        "metrics": metrics,
+        "sources": {"fit": str(folder.resolve()), "scale": str(scale_dir.resolve())},
+        "parents": {"hybrid": hmeta["sha256"], "scaled": smeta["sha256"]},
+        "timings_s": {"evaluate": round(time.perf_counter() - clock, 3)},
+        "environment": environment(),
+    }
+    write_json(out / "results.json", results)
+    return out / "results.json"
+

@@ -1,0 +1,285 @@
+"""The method in one call: scale a layer, collect trajectories, lift, fit, build the hybrid.
+
+``linearize(model, layer=k, data=X)`` runs the whole method on an ``nn.Sequential`` MLP of
+``[Linear, activation, ..., Linear]`` blocks (Dropout and a trailing Softmax are allowed): it
+scales hidden layer k (inserts ``n_inserted`` width-preserving blocks and trains them, originals
+frozen), collects the trajectories of ``data`` through them, lifts them as a
+:class:`~koopnet.spec.FitSpec` says, fits a DMD and returns the
+:class:`~koopnet.hybrid.KoopmanHybrid`. :func:`fit_hybrid` is the second half of ``linearize``
+for an already scaled model. Everything is checked before any training, so a bad argument
+fails in a second, not after minutes.
+
+No I/O happens here: saving is :mod:`koopnet.io.serialize`.
+
+Shape: data [n, features] -> hybrid(x) [n, classes].
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from koopnet._checks import (
+    as_tensor,
+    check_delays,
+    check_finite,
+    check_int,
+    check_rank_limit,
+    check_width_preserving,
+)
+from koopnet.hybrid import KoopmanHybrid
+from koopnet.models import TrainConfig, check_layer, mlp_layout
+from koopnet.observables import snapshot_pairs
+from koopnet.scaling import DEFAULT_SCALING, ScaledMLP, scale_layer
+from koopnet.spec import FitSpec
+from koopnet.trajectories import collect_trajectories
+
+__all__ = ["check_inputs", "fit_hybrid", "linearize", "model_dtype"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters (float32 for a model without any)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def check_inputs(data, labels=None, *, dtype=torch.float32, name: str = "data"):
+    """A tensor, array or DataLoader (yielding x or (x, y)) -> X [n, features], y [n] or None.
+
+    Inputs with more than 2 dimensions (images) are flattened per sample, as the paper's MLP did.
+    """
+    loader_labels = None
+    if isinstance(data, torch.utils.data.DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            if isinstance(batch, dict):
+                raise TypeError(f"{name} (a DataLoader) yields dicts (keys {sorted(batch)}); "
+                                "koopnet needs batches of x or (x, y): wrap the dataset so "
+                                "that it returns tuples.")
+            if isinstance(batch, (tuple, list)):
+                xs.append(torch.as_tensor(batch[0]))
+                if len(batch) > 1:
+                    ys.append(torch.as_tensor(batch[1]))
+            else:
+                xs.append(torch.as_tensor(batch))
+        if not xs:
+            raise ValueError(f"{name} (a DataLoader) yielded no batches; pass at least 2 samples.")
+        data = torch.cat([x.reshape(len(x), -1) for x in xs])
+        loader_labels = torch.cat(ys) if len(ys) == len(xs) else None
+    elif isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim > 2:
+        data = data.reshape(len(data), -1)  # [n, features]
+    elif isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim < 2:
+        raise ValueError(f"{name} has shape {tuple(data.shape)}; pass [n_samples, n_features] "
+                         "(one sample as x[None], one feature as x[:, None]).")
+    X = as_tensor(data, name, ndim=2, dtype=dtype)
+    if len(X) < 2:
+        raise ValueError(f"{name} has {len(X)} sample; koopnet needs at least 2 (one trajectory "
+                         "per sample, fitted jointly). Pass more inputs.")
+    y = loader_labels if labels is None else labels
+    if y is not None:
+        y = as_tensor(y, "labels", ndim=1)
+        if y.is_floating_point():
+            if not bool((y == y.round()).all()):
+                raise ValueError("labels must be integer class indices; got fractional values.")
+        y = y.to(torch.int64)
+        if len(y) != len(X):
+            raise ValueError(f"labels has {len(y)} entries but {name} has {len(X)} samples; "
+                             "pass one label per sample.")
+        if int(y.min()) < 0:
+            raise ValueError(f"labels must be class indices >= 0; got {int(y.min())}.")
+    return X, y
+
+
+def check_model(model, X: torch.Tensor, layer: int, y=None) -> None:
+    """Finite parameters, the right input width, labels within the model's classes and finite
+    activations, each named."""
+    modules = mlp_layout(model)
+    for key, value in model.state_dict().items():
+        check_finite(value, f"model parameter '{key}'",
+                     " The model diverged or was saved broken; retrain or re-export it.")
+    expected = modules[0].in_features
+    if X.shape[1] != expected:
+        raise ValueError(f"data has {X.shape[1]} features per sample but the model's first layer "
+                         f"expects {expected}; pass inputs of width {expected} (flattened).")
+    n_classes = modules[-1].out_features
+    if y is not None and int(y.max()) >= n_classes:
+        raise ValueError(f"labels go up to {int(y.max())} but the model has {n_classes} "
+                         f"outputs (classes 0..{n_classes - 1}); pass the labels the model was "
+                         "trained on.")
+    with torch.no_grad():
+        state = X
+        for i, module in enumerate(modules):
+            state = module(state)
+            check_finite(state, f"activations of model[{i}] ({type(module).__name__})",
+                         " Rescale the inputs or check the model's weights.")
+            if i >= 2 * layer + 1:
+                break
+
+
+def _check_spec(spec: FitSpec, n_states: int, width: int, n_samples: int) -> None:
+    """Every check of a fit that needs no trajectories (the DMD would refuse the same later)."""
+    if not isinstance(spec, FitSpec):
+        raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
+    check_delays(spec.n_delays, n_states, fix="insert more blocks (n_inserted >= n_delays)")
+    D = width * (spec.n_delays + 1) + int(spec.constant)
+    if spec.pairing == "concatenated":
+        pairs = n_samples * n_states - spec.n_delays - 1
+    else:
+        pairs = n_samples * (n_states - 1 - spec.n_delays)
+    check_rank_limit(spec.rank, D, pairs)
+
+
+def _make_spec(spec: FitSpec | None, n_delays, rank, tikhonov, constant, pairing) -> FitSpec:
+    """``spec``, or one built from the loose keywords (not both)."""
+    loose = {k: v for k, v in (("n_delays", n_delays), ("rank", rank), ("tikhonov", tikhonov),
+                               ("constant", constant), ("pairing", pairing)) if v is not None}
+    if spec is not None:
+        if loose:
+            raise ValueError(f"pass either spec=FitSpec(...) or the keywords {sorted(loose)}, "
+                             "not both.")
+        return spec
+    return FitSpec(**loose)
+
+
+def _renamed(old: str, new: str, value, current):
+    """A keyword renamed in 0.2: the old spelling still works, with a DeprecationWarning."""
+    if value is None:
+        return current
+    warnings.warn(f"'{old}' is deprecated and will be removed in koopnet 0.3; use '{new}'.",
+                  DeprecationWarning, stacklevel=3)
+    if current is not None:
+        raise ValueError(f"pass '{new}' only ('{old}' is its deprecated name).")
+    return value
+
+
+def fit_hybrid(scaled: ScaledMLP, data, *, spec: FitSpec | None = None, n_delays: int | None = None,
+               rank=None, tikhonov: float | None = None, constant: bool | None = None,
+               pairing: str | None = None, protocol: str | None = None) -> KoopmanHybrid:
+    """Collect trajectories of ``data`` through ``scaled``, lift them, fit a DMD, build a hybrid.
+
+    Parameters
+    ----------
+    scaled : ScaledMLP
+        A scaled network (see :func:`koopnet.scaling.scale_layer`).
+    data : Tensor, array or DataLoader
+        Inputs whose trajectories the DMD is fitted on.
+    spec : FitSpec, optional
+        How to fit (delays, rank, Tikhonov, constant, pairing, roll-out); or give the loose
+        keywords ``n_delays``, ``rank``, ``tikhonov``, ``constant``, ``pairing`` (FitSpec's
+        defaults for the rest). ``protocol`` is the deprecated name of ``pairing``.
+
+    Returns
+    -------
+    KoopmanHybrid
+        Holding the fitted :class:`~koopnet.dmd.DMD` as ``dmd_``.
+
+    Shape: data [n, features] -> trajectories [n, T, W] -> lifted [n, T-h, W(h+1)].
+    """
+    pairing = _renamed("protocol", "pairing", protocol, pairing)
+    spec = _make_spec(spec, n_delays, rank, tikhonov, constant, pairing)
+    if not isinstance(scaled, ScaledMLP):
+        raise TypeError(f"scaled must be a ScaledMLP (from scale_layer); got "
+                        f"{type(scaled).__name__}.")
+    X, _ = check_inputs(data, dtype=model_dtype(scaled))
+    check_width_preserving(scaled.inserts, scaled.width)
+    expected = scaled.head[0].in_features
+    if X.shape[1] != expected:
+        raise ValueError(f"data has {X.shape[1]} features per sample but the model's first layer "
+                         f"expects {expected}; pass inputs of width {expected} (flattened).")
+    _check_spec(spec, scaled.n_states, max(scaled.width, scaled.out_width), len(X))
+    return _fit(scaled, X, spec)
+
+
+def _fit(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec, **extra) -> KoopmanHybrid:
+    trajectories = collect_trajectories(scaled, X)  # states [n, T, W]
+    observable = spec.observable().fit(trajectories.states)
+    dmd = spec.dmd()
+    if spec.pairing == "trajectory":
+        dmd.fit(observable.transform(trajectories.states))  # lifted [n, T-h, D]
+    else:
+        dmd.fit_pairs(*snapshot_pairs(observable.transform(trajectories.concatenated())))
+    return KoopmanHybrid.from_dmd(scaled, observable, dmd, **extra)
+
+
+def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
+              spec: FitSpec | None = None, n_delays: int | None = None, rank=None,
+              tikhonov: float | None = None, constant: bool | None = None,
+              pairing: str | None = None, init: str = "he", labels=None, seed: int = 0,
+              scaling_config: TrainConfig | None = None, progress: bool = False,
+              steps: int | None = None, protocol: str | None = None) -> KoopmanHybrid:
+    """Replace hidden layer ``layer + 1`` of ``model`` by a linear Koopman operator.
+
+    Parameters
+    ----------
+    model : nn.Sequential
+        A trained MLP ``[Linear, activation, ..., Linear]`` (Dropout and a final Softmax are
+        allowed); it is not modified. float64 models run in float64; float16/bfloat16 models
+        are scaled in float32 and their hybrid runs in the model's dtype.
+    layer : int
+        1-based hidden layer k whose output starts the trajectory (the paper's numbering).
+    data : Tensor, array or DataLoader
+        Training inputs ``[n, features]``; a DataLoader may yield ``x`` or ``(x, y)``.
+    n_inserted : int
+        Inserted blocks N; trajectories have T = N + 2 states (``steps`` is its old name).
+    spec : FitSpec, optional
+        How to fit; or the loose keywords ``n_delays`` (default 10), ``rank``, ``tikhonov``,
+        ``constant``, ``pairing`` (``protocol`` is its old name).
+    init : {"he", "identity"}
+        Initialisation of the inserted blocks.
+    labels : Tensor or array, optional
+        Only used to judge whether scaling worked (else agreement with the original).
+    seed : int
+        Seed of the inserted blocks and of the scaling mini-batches: the same seed gives the
+        same hybrid.
+    scaling_config : TrainConfig, optional
+        Scaling recipe; default :data:`koopnet.scaling.DEFAULT_SCALING`.
+
+    Returns
+    -------
+    KoopmanHybrid
+        An ``nn.Module`` holding ``dmd_``, ``scaling_report_`` and ``scaled_``.
+
+    Shape: data [n, features] -> hybrid(x) [n, classes].
+
+    >>> torch.manual_seed(0) and None
+    >>> from koopnet.models import build_mlp
+    >>> model = build_mlp([2, 6, 6, 2], "tanh")
+    >>> hybrid = linearize(model, layer=1, data=torch.rand(50, 2), n_inserted=3, n_delays=1,
+    ...                    scaling_config=TrainConfig(epochs=2, batch_size=50))
+    >>> hybrid(torch.rand(4, 2)).shape, hybrid.linear_steps
+    (torch.Size([4, 2]), 3)
+    """
+    n_inserted = _renamed("steps", "n_inserted", steps, None) if steps is not None else n_inserted
+    pairing = _renamed("protocol", "pairing", protocol, pairing)
+    spec = _make_spec(spec, n_delays, rank, tikhonov, constant, pairing)
+    dtype = model_dtype(model) if isinstance(model, nn.Module) else torch.float32
+    work = torch.float32 if dtype in _HALF else dtype  # half precision is scaled in float32
+    layer = check_layer(model, layer)
+    X, y = check_inputs(data, labels, dtype=work)
+    if work != dtype:
+        model = copy.deepcopy(model).to(work)
+    check_model(model, X, layer, y)
+    n_inserted = check_int(n_inserted, "n_inserted", low=0)
+    seed = check_int(seed, "seed")
+    if scaling_config is not None and not isinstance(scaling_config, TrainConfig):
+        raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
+                        f"{type(scaling_config).__name__}.")
+    modules = mlp_layout(model)
+    w, w_out = modules[2 * layer - 2].out_features, modules[2 * layer].out_features
+    _check_spec(spec, n_inserted + 2, max(w, w_out), len(X))
+    scaled, report = scale_layer(model, layer, X, y, n_inserted=n_inserted, init=init,
+                                 config=scaling_config or DEFAULT_SCALING, seed=seed,
+                                 progress=progress)
+    hybrid = _fit(scaled, X, spec, keep_scaled=True, scaling_report=report)
+    if work != dtype:  # the network parts in the model's precision; the map stays float64
+        for part in (hybrid.head, hybrid.prefix, hybrid.tail):
+            part.to(dtype)
+    return hybrid
