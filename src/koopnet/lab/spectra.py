@@ -101,37 +101,8 @@ def make_figures(run_dir, *, pdf: bool = False) -> list[str]:
     dataset, written = results["dataset"], []
     layers = sorted({int(k.split("/")[0][5:]) for k in tensors if k.startswith("layer")})
     for layer in layers:
-        prefix = f"layer{layer}/"
-        eig = {key[len(prefix) + 4:]: torch.view_as_complex(v) for key, v in tensors.items()
-               if key.startswith(prefix + "eig/")}
-        res = {key[len(prefix) + 4:]: v for key, v in tensors.items()
-               if key.startswith(prefix + "res/")}
-        fig = plots.plot_eigenvalue_grid(eig, res, title=(
-            f"{dataset} layer {layer}: DMD eigenvalues, concatenated series, full rank "
-            "(colour: ResDMD residual on held-out pairs)"))
-        written += plots.save_figure(fig, run / f"eigenvalue_grid_layer{layer}", pdf=pdf)
-        rsv = {int(key.split("/d")[-1]): v for key, v in tensors.items()
-               if key.startswith(prefix + "rsv/")}
-        fig = plots.plot_right_singular_vectors(rsv, title=(
-            f"{dataset} layer {layer}: top 7 right singular vectors of the Hankel matrix "
-            f"({max(results['study']['config']['eig_trajectories'])} trajectories, "
-            "first 5 shown)"))
-        written += plots.save_figure(fig, run / f"hankel_rsv_layer{layer}", pdf=pdf)
-        sv = {_sv_label(key[len(prefix) + 3:]): v for key, v in tensors.items()
-              if key.startswith(prefix + "sv/")}
-        sv = dict(sorted(sv.items()))
-        fig = plots.plot_singular_value_decay(sv, title=(
-            f"{dataset} layer {layer}: singular values of the lifted snapshot matrix X "
-            "(training pairs)"))
-        written += plots.save_figure(fig, run / f"singular_values_layer{layer}", pdf=pdf)
-        best = select([r for r in results["comparison"] if r["layer"] == layer
-                       and r["observable"] == "delay" and r["seed"] == results["seed"]])
-        fig = plots.plot_modes_on_neurons(
-            torch.view_as_complex(tensors[prefix + "modes"]),
-            torch.view_as_complex(tensors[prefix + "modes_eig"]), tensors[prefix + "modes_res"],
-            title=(f"{dataset} layer {layer}: Koopman modes on neurons (delay DMD, "
-                   f"h={best['n_delays']}, rank {best['rank_resolved']})"))
-        written += plots.save_figure(fig, run / f"modes_layer{layer}", pdf=pdf)
+        for name, fig in _layer_figures(results, tensors, layer):
+            written += plots.save_figure(fig, run / f"{name}_layer{layer}", pdf=pdf)
     fig = plots.plot_accuracy_vs_linear_steps(results["comparison"], results["baselines"],
                                               title=f"{dataset}: hybrid test accuracy vs "
                                                     "linearly predicted steps, h = 0..10 "
@@ -149,7 +120,39 @@ def make_figures(run_dir, *, pdf: bool = False) -> list[str]:
             tensors["grid/axis"], {f"{k} (test {100 * v:.2f}%)": tensors[f"grid/{k}"]
                                    for k, v in accuracies.items()},
             tensors["grid/test_X"], tensors["grid/test_y"],
-            title=(f"{dataset} decision boundaries: layer {results['study']['decision_layer']}"
+            title=(f"{dataset} decision boundaries: layer {layer}"
                    f", hybrid h={setting['n_delays']}, rank={setting['rank']}"))
         written += plots.save_figure(fig, run / "decision_boundaries", pdf=pdf)
     return written
+
+
+def _layer_figures(results: dict, tensors: dict, layer: int):
+    """(file stem, Figure) of each per-layer study figure."""
+    from koopnet.lab import figures as plots
+
+    dataset, prefix = results["dataset"], f"layer{layer}/"
+
+    def part(kind: str, skip: int) -> dict:
+        return {key[len(prefix) + skip:]: v for key, v in tensors.items()
+                if key.startswith(prefix + kind)}
+
+    eig = {k: torch.view_as_complex(v) for k, v in part("eig/", 4).items()}
+    yield "eigenvalue_grid", plots.plot_eigenvalue_grid(eig, part("res/", 4), title=(
+        f"{dataset} layer {layer}: DMD eigenvalues, concatenated series, full rank "
+        "(colour: ResDMD residual on held-out pairs)"))
+    rsv = {int(key.removeprefix("d")): v for key, v in part("rsv/", 4).items()}
+    yield "hankel_rsv", plots.plot_right_singular_vectors(rsv, title=(
+        f"{dataset} layer {layer}: top 7 right singular vectors of the Hankel matrix "
+        f"({max(results['study']['config']['eig_trajectories'])} trajectories, "
+        "first 5 shown)"))
+    sv = dict(sorted({_sv_label(k): v for k, v in part("sv/", 3).items()}.items()))
+    yield "singular_values", plots.plot_singular_value_decay(sv, title=(
+        f"{dataset} layer {layer}: singular values of the lifted snapshot matrix X "
+        "(training pairs)"))
+    best = select([r for r in results["comparison"] if r["layer"] == layer
+                   and r["observable"] == "delay" and r["seed"] == results["seed"]])
+    yield "modes", plots.plot_modes_on_neurons(
+        torch.view_as_complex(tensors[prefix + "modes"]),
+        torch.view_as_complex(tensors[prefix + "modes_eig"]), tensors[prefix + "modes_res"],
+        title=(f"{dataset} layer {layer}: Koopman modes on neurons (delay DMD, "
+               f"h={best['n_delays']}, rank {best['rank_resolved']})"))
