@@ -32,6 +32,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "KoopmanHybrid": ("koopnet.hybrid", "KoopmanHybrid"),
     "linearize": ("koopnet.linearization", "linearize"),
     "fit_hybrid": ("koopnet.linearization", "fit_hybrid"),
+    **{name: ("koopnet.depth", name) for name in ("linearize_depth", "DepthHybrid")},
     **{name: ("koopnet.io.serialize", name)
        for name in ("save_model", "load_model", "load_model_files", "save_scaled", "load_scaled",
                     "save_hybrid", "load_hybrid")},
@@ -40,16 +41,18 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
-    "DMD", "ArtifactError", "DataSplits", "FitSpec", "KoopmanHybrid", "NotFittedError", "ScaledMLP",
-    "ScaledModel", "Split", "TimeDelay", "TrainConfig", "Trajectories", "__version__",
-    "accuracy", "build_mlp", "collect_trajectories", "fit_hybrid", "idx_splits", "linearize",
-    "load_hybrid", "load_model", "load_model_files", "load_scaled", "make_yinyang",
+    "DMD", "ArtifactError", "DataSplits", "DepthHybrid", "FitSpec", "KoopmanHybrid",
+    "NotFittedError", "ScaledMLP", "ScaledModel", "Split", "TimeDelay", "TrainConfig",
+    "Trajectories", "__version__", "accuracy", "build_mlp", "collect_trajectories", "fit_hybrid",
+    "idx_splits", "linearize", "linearize_depth", "load_hybrid", "load_model", "load_model_files",
+    "load_scaled", "make_yinyang",
     "save_hybrid", "save_model", "save_scaled", "scale_layer", "train_classifier",
     "yinyang_splits",
 ]
 
 if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet._checks import NotFittedError
+    from koopnet.depth import DepthHybrid, linearize_depth
     from koopnet.dmd import DMD
     from koopnet.hybrid import KoopmanHybrid
     from koopnet.io.artifacts import ArtifactError
