@@ -11,6 +11,7 @@ from torch import nn
 import koopnet
 from koopnet import depth
 from koopnet.depth import DepthHybrid, collect_depth_states, linearize_depth
+from koopnet.depth_states import to_rows
 from koopnet.spec import FitSpec
 
 
@@ -251,7 +252,7 @@ def test_bad_inputs_have_pinned_messages(yinyang_resmlp):
     with pytest.raises(ValueError, match=r"data has shape \(1, 2\); pass at least 2 samples"):
         linearize_depth(model, names(4), X[:1])
     with pytest.raises(ValueError, match=r"per_position=True needs states of shape"):
-        depth._to_rows(torch.zeros(1, 2, 3, 4, 5), per_position=True)
+        to_rows(torch.zeros(1, 2, 3, 4, 5), per_position=True)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 

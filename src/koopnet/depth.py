@@ -6,7 +6,8 @@ be scaled (no blocks inserted, nothing trained) before a DMD is fitted on it, so
 :func:`linearize_depth` only runs the model with forward hooks, lifts the states with delays,
 fits the operator and returns :class:`DepthHybrid`, a copy of the model that runs the first h
 blocks, advances the remaining ``len(blocks) - h`` steps with one precomputed linear map and
-carries on after the last block as the original would.
+carries on after the last block as the original would. The states come from
+:mod:`koopnet.depth_states` (forward hooks, with every rule about the blocks checked there).
 
 Two views of a state that is more than a vector (tokens [B, L, d], feature maps [B, C, H, W]):
 
@@ -45,13 +46,15 @@ import copy
 import torch
 from torch import nn
 
-from koopnet._checks import (
-    as_tensor,
-    check_delays,
-    check_finite,
-    check_int,
-    check_is_fitted,
-    check_rank_limit,
+from koopnet._checks import check_delays, check_finite, check_int, check_is_fitted, check_rank_limit
+from koopnet.depth_states import (
+    check_data,
+    collect_depth_states,
+    depth_runs,
+    from_rows,
+    model_device,
+    resolve_blocks,
+    to_rows,
 )
 from koopnet.dmd import DMD
 from koopnet.observables import TimeDelay
@@ -63,237 +66,6 @@ __all__ = ["DepthHybrid", "collect_depth_states", "linearize_depth"]
 # States up to this size are fitted in memory (SVD of the lifted pairs, best conditioned);
 # larger ones are streamed into trajectory moments (O((T*W)^2) memory whatever n is).
 _IN_MEMORY_BYTES = 256 * 2**20
-# Errors a model raises on inputs of the wrong shape or dtype.
-_MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def resolve_blocks(model, blocks) -> list[str]:
-    """Check that ``blocks`` names distinct submodules of ``model``; return the names.
-
-    Whether they are consecutive and keep the state's shape shows only when the model runs
-    (see :func:`collect_depth_states`).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if isinstance(blocks, str) or not isinstance(blocks, (list, tuple)):
-        raise TypeError(f"blocks must be a list of qualified module names such as "
-                        f"['blocks.0', 'blocks.1']; got {blocks!r}.")
-    if not blocks:
-        raise ValueError("blocks is empty; name at least one block, e.g. ['blocks.0'].")
-    modules = dict(model.named_modules())
-    valid = [name for name in modules if name]
-    for name in blocks:
-        if not isinstance(name, str):
-            raise TypeError(f"blocks must hold module names (strings); got {name!r}.")
-        if name in modules and name:
-            continue
-        target = _attribute(model, name)
-        if target is not None:
-            raise TypeError(f"block '{name}' is a {type(target).__name__}, not an nn.Module; "
-                            "blocks must name submodules (see model.named_modules()).")
-        shown = ", ".join(repr(v) for v in valid[:6]) + (", ..." if len(valid) > 6 else "")
-        raise ValueError(f"block '{name}' is not a submodule of the model; valid names include "
-                         f"{shown or 'none (the model has no submodules)'}.")
-    repeated = sorted({name for name in blocks if blocks.count(name) > 1})
-    if repeated:
-        raise ValueError(f"blocks names {repeated[0]!r} more than once; name each block once, "
-                         "in the order they run.")
-    return list(blocks)
-
-
-def _attribute(model: nn.Module, name: str):
-    """The object a dotted name reaches by attribute access, or None."""
-    target = model
-    for part in name.split("."):
-        try:
-            target = getattr(target, part)
-        except (AttributeError, TypeError):
-            return None
-    return target
-
-
-def _check_data(model: nn.Module, data) -> torch.Tensor:
-    """Data as one tensor [n, ...]: floats in the model's dtype, integers (token ids) kept."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        xs = [torch.as_tensor(b[0] if isinstance(b, (tuple, list)) else b) for b in data]
-        if not xs:
-            raise ValueError("data (a DataLoader) yielded no batches; pass at least 2 samples.")
-        data = torch.cat(xs)
-    X = as_tensor(data, "data")
-    if X.ndim < 1 or len(X) < 2:
-        raise ValueError(f"data has shape {tuple(X.shape)}; pass at least 2 samples along "
-                         "the first dimension.")
-    if X.is_floating_point():
-        X = X.to(_model_dtype(model))
-    return X
-
-
-# ----------------------------------------------------------------------------- states
-
-
-def _to_rows(state: torch.Tensor, per_position: bool) -> torch.Tensor:
-    """One state as rows: [B, W] flattened per sample, or per position [B*L, d]."""
-    if not per_position or state.ndim == 2:
-        return state.reshape(len(state), -1)
-    if state.ndim == 3:  # [B, L, d] tokens
-        return state.reshape(-1, state.shape[2])
-    if state.ndim == 4:  # [B, C, H, W] feature maps: positions H*W, features C
-        return state.permute(0, 2, 3, 1).reshape(-1, state.shape[1])
-    raise ValueError(f"per_position=True needs states of shape [B, d], [B, L, d] or "
-                     f"[B, C, H, W]; got {list(state.shape)}. Pass per_position=False.")
-
-
-def _from_rows(rows: torch.Tensor, like: torch.Tensor, per_position: bool) -> torch.Tensor:
-    """Inverse of :func:`_to_rows` for a state shaped as ``like``."""
-    if per_position and like.ndim == 4:
-        B, C, H, W = like.shape
-        return rows.reshape(B, H, W, C).permute(0, 3, 1, 2)
-    return rows.reshape(like.shape)
-
-
-class _BlockError(TypeError):
-    """A block called or returning in a way depth trajectories cannot follow."""
-
-
-class _Recording:
-    """Forward hooks on the blocks that record s_0 and every block output of one pass."""
-
-    def __init__(self, modules: list[nn.Module], names: list[str]) -> None:
-        self.names, self.events = names, []
-        self.hooks = []
-        for i, module in enumerate(modules):
-            self.hooks.append(module.register_forward_pre_hook(self._pre(i)))
-            self.hooks.append(module.register_forward_hook(self._post(i)))
-
-    def _pre(self, i):
-        def hook(_module, args):
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise _BlockError(f"block '{self.names[i]}' is not called with its state as the "
-                                "first positional tensor; depth trajectories need blocks "
-                                "called as block(x, ...).")
-            self.events.append((i, "in", args[0]))
-        return hook
-
-    def _post(self, i):
-        def hook(_module, _args, output):
-            if not isinstance(output, torch.Tensor):
-                raise _BlockError(f"block '{self.names[i]}' returns a {type(output).__name__}, "
-                                "not a tensor; depth trajectories need blocks that return the "
-                                "next state.")
-            self.events.append((i, "out", output))
-        return hook
-
-    def states(self, check: bool) -> list[torch.Tensor]:
-        """s_0..s_T of the last pass; ``check`` verifies order, chaining and shapes."""
-        n = len(self.names)
-        counts = [sum(1 for j, kind, _ in self.events if j == i and kind == "out")
-                  for i in range(n)]
-        for i, count in enumerate(counts):
-            if count != 1:
-                raise ValueError(f"block '{self.names[i]}' ran {count} times in one forward "
-                                 "pass; each block must run exactly once.")
-        if check:
-            order = [(j, kind) for j, kind, _ in self.events]
-            if order != [(i, kind) for i in range(n) for kind in ("in", "out")]:
-                ran = [self.names[j] for j, kind in order if kind == "out"]
-                raise ValueError(f"blocks {self.names} are not consecutive: they ran as {ran} "
-                                 "(or one runs inside another); name blocks in the order they "
-                                 "run, each feeding the next.")
-            tensors = [t for _, _, t in self.events]
-            for i in range(n):
-                inp, out = tensors[2 * i], tensors[2 * i + 1]
-                if out.shape != inp.shape:
-                    raise ValueError(f"block '{self.names[i]}' maps shape {list(inp.shape)} to "
-                                     f"{list(out.shape)}; depth trajectories need blocks that "
-                                     "keep the state's shape (same width in and out).")
-                if i and not (inp is tensors[2 * i - 1] or torch.equal(inp, tensors[2 * i - 1])):
-                    raise ValueError(f"blocks '{self.names[i - 1]}' and '{self.names[i]}' are "
-                                     f"not consecutive: the input of '{self.names[i]}' is not "
-                                     f"the output of '{self.names[i - 1]}'; name blocks that "
-                                     "feed each other directly.")
-        first_in = next(t for j, kind, t in self.events if j == 0 and kind == "in")
-        outs = sorted((j, t) for j, kind, t in self.events if kind == "out")
-        return [first_in, *(t for _, t in outs)]
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-
-
-def _runs(model: nn.Module, names: list[str], X: torch.Tensor, batch_size: int):
-    """Yield s_0..s_T (a list of tensors on CPU) per batch, in eval mode and without grad.
-
-    The first 2 samples run first as a probe, so data that does not fit the model fails with
-    the shape named instead of an error from deep inside it.
-    """
-    modules = dict(model.named_modules())
-    recording = _Recording([modules[name] for name in names], names)
-    modes = {m: m.training for m in model.modules()}
-    device = _model_device(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            try:
-                model(X[:2].to(device))
-            except _BlockError:
-                raise
-            except _MODEL_ERRORS as err:
-                first = (str(err).strip().splitlines() or [""])[0]
-                raise ValueError(f"data of shape {list(X.shape)} does not fit the model, which "
-                                 f"raised {type(err).__name__}: {first} -- pass inputs shaped as "
-                                 "the model expects (sample shape first dimension aside).") from err
-            recording.states(check=True)
-            for start in range(0, len(X), batch_size):
-                recording.events.clear()
-                model(X[start:start + batch_size].to(device))
-                yield [s.detach().cpu() for s in recording.states(check=False)]
-    finally:
-        recording.remove()
-        for module, mode in modes.items():
-            module.train(mode)
-
-
-def collect_depth_states(model: nn.Module, blocks, X, *, batch_size: int = 1024,
-                         per_position: bool = False) -> torch.Tensor:
-    """The trajectory of each sample through ``blocks``: s_0 (the first block's input) and
-    every block's output, recorded with forward hooks in eval mode (the model is unchanged).
-
-    Parameters
-    ----------
-    blocks : list of str
-        Qualified names (``model.named_modules()``) of consecutive blocks, each feeding the
-        next and keeping the state's shape.
-    per_position : bool
-        Positions as samples over the feature dimension (see the module docs).
-
-    Shape: X [n, ...] -> states [n, T = len(blocks) + 1, W] (flattened per sample), or with
-    ``per_position`` [n*L, T, d] (tokens [n, L, d]) / [n*H*W, T, C] (maps [n, C, H, W]).
-    States are on the CPU in the model's dtype.
-    """
-    names = resolve_blocks(model, blocks)
-    X = _check_data(model, X)
-    batch_size = check_int(batch_size, "batch_size", low=1)
-    chunks = [torch.stack([_to_rows(s, per_position) for s in states], dim=1)
-              for states in _runs(model, names, X, batch_size)]
-    states = torch.cat(chunks)  # [N, T, W]
-    check_finite(states, "depth states", " Rescale the inputs or check the model's weights.")
-    return states
 
 
 # ----------------------------------------------------------------------------- the hybrid
@@ -340,14 +112,14 @@ class _Predict(nn.Module):
             raise RuntimeError(f"the depth hybrid saw {len(earlier)} earlier states where it "
                                f"needs {self.n_delays}; call the DepthHybrid itself, not its "
                                "inner model.")
-        rows = torch.stack([_to_rows(s, self.per_position) for s in (*earlier, x)], dim=1)
+        rows = torch.stack([to_rows(s, self.per_position) for s in (*earlier, x)], dim=1)
         width = self.observable.n_features_in_
         if rows.shape[2] != width:
             raise ValueError(f"the state has {rows.shape[2]} features per row; this hybrid was "
                              f"fitted on {width} (per_position={self.per_position}).")
         lifted = self.observable.transform(rows)[:, -1]  # [N, D]
         predicted = lifted @ self.linear_map.to(lifted.dtype).T  # [N, W]
-        return _from_rows(predicted, x, self.per_position)
+        return from_rows(predicted, x, self.per_position)
 
     def extra_repr(self) -> str:
         return f"n_delays={self.n_delays}, linear_map={list(self.linear_map.shape)}"
@@ -389,7 +161,7 @@ class DepthHybrid(nn.Module):
         self.linear_steps = len(names) - h
         self.observable, self.dmd_ = observable, dmd
         readout = observable.readout(observable.n_features_in_).to(dmd.dtype)  # [W, D]
-        linear_map = dmd.transition(self.linear_steps, readout).to(_model_device(model))
+        linear_map = dmd.transition(self.linear_steps, readout).to(model_device(model))
         self.model = copy.deepcopy(model)
         self.__dict__["_buffer"] = buffer = []
         modules = dict(self.model.named_modules())
@@ -485,8 +257,8 @@ def linearize_depth(model: nn.Module, blocks, data, *, spec: FitSpec | None = No
     for key, value in model.state_dict().items():
         check_finite(value, f"model parameter '{key}'",
                      " The model diverged or was saved broken; retrain or re-export it.")
-    X = _check_data(model, data)
-    runs = _runs(model, names, X, batch_size)
+    X = check_data(model, data)
+    runs = depth_runs(model, names, X, batch_size)
     try:
         return _fit(model, names, X, spec, runs, per_position, batch_size)
     finally:
@@ -495,21 +267,21 @@ def linearize_depth(model: nn.Module, blocks, data, *, spec: FitSpec | None = No
 
 def _fit(model, names, X, spec, runs, per_position, batch_size) -> DepthHybrid:
     n_states, h = len(names) + 1, spec.n_delays
-    first = torch.stack([_to_rows(s, per_position) for s in next(runs)], dim=1)  # [N, T, W]
+    first = torch.stack([to_rows(s, per_position) for s in next(runs)], dim=1)  # [N, T, W]
     rows_per_sample, width = len(first) // min(len(X), batch_size), first.shape[2]
     observable = spec.observable().fit(first[:1])
     check_rank_limit(spec.rank, observable.n_output_features_,
                      len(X) * rows_per_sample * (n_states - 1 - h))
     dmd = spec.dmd()
     if len(X) * rows_per_sample * n_states * width * 8 <= _IN_MEMORY_BYTES:
-        states = torch.cat([first, *(torch.stack([_to_rows(s, per_position) for s in batch], 1)
+        states = torch.cat([first, *(torch.stack([to_rows(s, per_position) for s in batch], 1)
                                      for batch in runs)]).to(torch.float64)  # [N, T, W]
         check_finite(states, "depth states", " Rescale the inputs or check the model's weights.")
         dmd.fit(observable.transform(states))  # lifted [N, T-h, D]
     else:
         moments = TrajectoryMoments(n_states, width).update(first.to(torch.float64))
         for batch in runs:
-            moments.update(torch.stack([_to_rows(s, per_position) for s in batch], 1))
+            moments.update(torch.stack([to_rows(s, per_position) for s in batch], 1))
         check_finite(moments.moments, "depth state moments",
                      " Rescale the inputs or check the model's weights.")
         dmd.fit_statistics(moments.pair_statistics(h, constant=spec.constant))
