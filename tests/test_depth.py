@@ -237,8 +237,8 @@ def test_bad_inputs_have_pinned_messages(yinyang_resmlp):
     with pytest.raises(ValueError, match=r"block 'embed' maps shape \[2, 2\] to \[2, 16\]; "
                                          r"depth trajectories need blocks that keep"):
         linearize_depth(model, ["embed", "blocks.0"], X, n_delays=0)
-    with pytest.raises(ValueError, match=r"data of shape \[400, 5\] does not fit the model, "
-                                         r"which raised RuntimeError: "):
+    with pytest.raises(ValueError, match=r"data of shape \[400, 5\] does not fit the model: on "
+                                         r"2 samples it raised RuntimeError: .*samples first"):
         linearize_depth(model, names(4), torch.randn(400, 5))
     with pytest.raises(ValueError, match=r"n_delays=4 needs trajectories of at least 6 states; "
                                          r"got T=5\. Lower n_delays to <= 3 or name more blocks"):
@@ -261,3 +261,14 @@ def test_spec_is_used_as_given(yinyang_resmlp):
     hybrid = linearize_depth(model, names(4), X, spec=FitSpec(n_delays=2, rank=5))
     assert hybrid.n_delays == 2 and hybrid.rank_ == 5 and not hybrid.dmd_.exact_rollout
     assert linearize_depth(model, names(4), X, n_delays=2).dmd_.exact_rollout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_follows_the_model(yinyang_resmlp):
+    model, X = yinyang_resmlp
+    on_cpu = linearize_depth(model, names(4), X, n_delays=2)
+    hybrid = linearize_depth(copy.deepcopy(model).cuda(), names(4), X, n_delays=2)
+    assert hybrid.linear_map.device.type == "cuda"
+    assert torch.allclose(hybrid.linear_map.cpu(), on_cpu.linear_map, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(hybrid(X.cuda()).cpu(), on_cpu(X), atol=1e-4)

@@ -208,9 +208,10 @@ def depth_runs(model: nn.Module, names: list[str], X: torch.Tensor, batch_size: 
                 raise
             except _MODEL_ERRORS as err:
                 first = (str(err).strip().splitlines() or [""])[0]
-                raise ValueError(f"data of shape {list(X.shape)} does not fit the model, which "
-                                 f"raised {type(err).__name__}: {first} -- pass inputs shaped as "
-                                 "the model expects (sample shape first dimension aside).") from err
+                raise ValueError(f"data of shape {list(X.shape)} does not fit the model: on 2 "
+                                 f"samples it raised {type(err).__name__}: {first.rstrip('.')}. "
+                                 "Pass inputs [n, ...] shaped as the model takes them, samples "
+                                 "first.") from err
             recording.states(check=True)
             for start in range(0, len(X), batch_size):
                 recording.events.clear()
