@@ -143,6 +143,7 @@ def scale_layer(
     fallback_identity: bool = True,
     tolerance: float = 0.005,
     progress: bool = False,
+    judge: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[ScaledMLP, ScalingReport]:
     """Insert and train ``n_inserted`` blocks after hidden layer ``layer`` of ``model``.
 
@@ -152,7 +153,8 @@ def scale_layer(
     ``tolerance``); a failed attempt (dead units leave the output constant) is retried with a
     fresh seed, and the last retry uses the near-identity init (unless ``fallback_identity`` is
     False, as the paper protocol sets, so that every attempt uses ``init``). ``report.ok`` says
-    if it worked.
+    if it worked. ``judge`` = (X, y) judges the agreement (and so the retries) on other points
+    than the training ones, e.g. points disjoint from a reported test set.
 
     Shape: X [n, features], y [n].
     """
@@ -169,7 +171,10 @@ def scale_layer(
     with torch.no_grad():
         a = head(X)
         b = replaced(a)
-        original = tail(b).argmax(1)
+        judge_a = a if judge is None else head(as_tensor(judge[0], "judge X", ndim=2,
+                                                         dtype=dtype))
+        original = tail(b if judge is None else replaced(judge_a)).argmax(1)
+    y = y if judge is None else judge[1]
     reference = original if y is None else y
     target = float((original == reference).float().mean()) - tolerance
     report = ScalingReport(agreement=-1.0, ok=False, init=init)
@@ -185,7 +190,7 @@ def scale_layer(
                                 seed=seed + attempt, progress=progress,
                                 desc=f"scale layer {layer}") if n_inserted else []
         with torch.no_grad():
-            agreement = float((tail(stack(a)).argmax(1) == reference).float().mean())
+            agreement = float((tail(stack(judge_a)).argmax(1) == reference).float().mean())
         report.attempts.append({"init": attempt_init, "seed": seed + 1000 * attempt,
                                 "agreement": agreement,
                                 "final_loss": history[-1] if history else 0.0})
