@@ -5,7 +5,7 @@ Usage (from the repository root, with the project's virtual environment):
     .venv/bin/python benchmarks/bench_dmd.py            # full run (see README for its length)
     .venv/bin/python benchmarks/bench_dmd.py --quick    # ~1-2 minute smoke run
 
-Parts (results in benchmarks/results/*.json and summary.md):
+Parts (results in benchmarks/results/bench_{quick,full}.json and summary{_quick,}.md):
 1. grid: the paper's MNIST sweep (3 layers x M in {1,10,50,500} trajectories x h in 1..10,
    EDMD svd_rank=500 on the concatenated series, evaluation = predicted s_11 for the test
    samples). koopnet runs the full grid; PyKoopman (per-sample ``simulate`` loop) and PyDMD
@@ -13,6 +13,11 @@ Parts (results in benchmarks/results/*.json and summary.md):
 2. scaling: streamed fit time and peak memory for N snapshot pairs at D = 2816 (layer 1,
    h = 10), against the physical limit: one float64 X^T X over the same lifted data.
 3. hybrid: inference throughput of KoopmanHybrid vs the original network, batch 4096.
+
+Every timed comparison times the same work on each side: koopnet's eigendecomposition is lazy,
+so its grid worker touches ``eigenvalues_`` inside the fit timer, as PyKoopman's and PyDMD's fits
+compute theirs (``GRID_TIMERS`` lists what each timer includes; the summary repeats it). Every
+extrapolated number carries a ``basis`` saying from what it was extrapolated.
 
 Every timed library runs in its own subprocess so peak RSS (getrusage) is its own. PyKoopman
 pins old numpy/scipy/torch, so its side runs in benchmarks/.venv-peers, which this script
@@ -48,6 +53,28 @@ N_STATES = 12
 THREADS = 1
 
 
+# What each timed quantity of the grid includes, written into the JSON and the summary. Every
+# side that is compared computes the same thing: a fitted operator with its eigenvalues and modes
+# (PyKoopman's EDMD and PyDMD compute them inside fit; koopnet's are lazy, so its worker touches
+# them inside its timer).
+GRID_TIMERS = {
+    "koopnet_fit": "per cell: the [M*T, W] series, SeriesMoments of the series (first cell of "
+                   "each (layer, M) only: one pass serves every h), TimeDelay, fit_series (Gram "
+                   "or SVD route) and the eigendecomposition (eigenvalues and exact modes, "
+                   "torch.linalg.eig of the R x R operator)",
+    "koopnet_eval": "readout @ transition(T-1-h) formed once, the lift of n_eval test windows and "
+                    "one GEMM giving s_11 for all of them",
+    "pykoopman_fit": "Koopman(TimeDelay(n_delays=h), EDMD(svd_rank)).fit on the series: lifting, "
+                     "SVD, reduced operator, scipy.linalg.eig with eigenvectors, modes and the "
+                     "inverse of the eigenvector matrix",
+    "pykoopman_eval": "n_eval per-sample Koopman.simulate calls (the paper's loop)",
+    "pydmd_fit": "HankelDMD(svd_rank, d=h+1).fit on the series: Hankel matrix, SVD, operator, "
+                 "eigenvalues, modes and amplitudes (no evaluation)",
+    "not_timed": "imports, reading the .npy files, the peers' reshape of the series (koopnet's "
+                 "is timed) and the peer's extra eigvals call used only for the agreement table",
+}
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -65,7 +92,10 @@ def ensure_peer_venv() -> Path:
     pip = [str(python), "-m", "pip", "install", "-q"]
     # --no-deps: pykoopman 1.2.1 pins torch~=2.1 (a multi-GB CUDA build), jupyter, sphinx...
     subprocess.run([*pip, "--no-deps", "pykoopman==1.2.1"], check=True)
-    subprocess.run([*pip, *PEER_REQUIREMENTS], check=True)
+    # the repository's constraints pin torch to the CPU wheel (an open range pulls CUDA builds)
+    constraints = HERE.parent / "constraints.txt"
+    pins = ["-c", str(constraints)] if constraints.exists() else []
+    subprocess.run([*pip, *pins, *PEER_REQUIREMENTS], check=True)
     subprocess.run(probe, check=True)
     return python
 
@@ -117,6 +147,12 @@ def koopnet_grid_worker(spec: dict) -> dict:
             moments[key] = SeriesMoments(series.shape[1], max_delays).update(series)
         lift = TimeDelay(h).fit(series[None])
         dmd = fit_series(DMD(cell["rank"]), series, h, moments=moments[key])  # paper protocol
+        t_eig = time.perf_counter()
+        # koopnet's eigendecomposition is lazy; PyKoopman's EDMD and PyDMD's fit compute
+        # eigenvalues and modes inside fit, so the timed fit here computes them too (the first
+        # access of eigenvalues_ computes eigenvalues and exact modes)
+        eigenvalues = dmd.eigenvalues_
+        eig_s = time.perf_counter() - t_eig
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         # whole evaluation as one GEMM: s_11 = R V A^m V^T g_h (what KoopmanHybrid applies)
@@ -124,8 +160,8 @@ def koopnet_grid_worker(spec: dict) -> dict:
         lifted = lift.transform(test[:n_eval, : h + 1].double())[:, -1]  # [n_eval, D]
         preds = lifted @ linear_map.T
         eval_s = time.perf_counter() - t0
-        row = dict(cell, fit_s=fit_s, eval_s=eval_s, fitted_rank=dmd.rank_,
-                   eig_re=dmd.eigenvalues_.real.tolist(), eig_im=dmd.eigenvalues_.imag.tolist())
+        row = dict(cell, fit_s=fit_s, eig_s=eig_s, eval_s=eval_s, fitted_rank=dmd.rank_,
+                   eig_re=eigenvalues.real.tolist(), eig_im=eigenvalues.imag.tolist())
         if "pred_prefix" in spec:
             path = f"{spec['pred_prefix']}_{cell['layer']}_{cell['n_traj']}_{h}.npy"
             np.save(path, preds.numpy(), allow_pickle=False)
@@ -326,12 +362,20 @@ def summarise_grid(runs, n_test, n_eval_peer, n_full, n_sub) -> dict:
     med = statistics.median
     out = {"n_cells_full": n_full, "n_cells_subset": n_sub, "n_test": n_test,
            "n_eval_peer": n_eval_peer, "repeats": len(runs["koopnet_full"]),
+           "timers": GRID_TIMERS,
            "koopnet_full_grid_s": med(total(r) for r in runs["koopnet_full"]),
+           "koopnet_full_grid_eig_s": med(sum(c["eig_s"] for c in r["cells"])
+                                          for r in runs["koopnet_full"]),
            "koopnet_subset_s_at_peer_n_eval": med(total(r) for r in runs["koopnet_subset"]),
            "koopnet_peak_rss_mib": max(r["peak_rss_mib"] for r in runs["koopnet_full"]),
-           "koopnet_baseline_rss_mib": runs["koopnet_full"][0]["baseline_rss_mib"]}
+           "koopnet_baseline_rss_mib": runs["koopnet_full"][0]["baseline_rss_mib"],
+           "basis": {"koopnet_full_grid_s": "measured",
+                     "koopnet_full_grid_eig_s": "measured (part of koopnet_full_grid_s)",
+                     "koopnet_subset_s_at_peer_n_eval": "measured"}}
     if runs["pykoopman"]:
         scale = n_test / n_eval_peer
+        extrapolated = (f"extrapolated from {n_eval_peer} simulate calls per cell to {n_test} "
+                        f"(PyKoopman's measured eval time x {scale:g}; its fit measured)")
         pk_sub = med(total(r, scale) for r in runs["pykoopman"])  # eval extrapolated to n_test
         pk_sub_measured = med(total(r) for r in runs["pykoopman"])
         kn_sub = med(total(r, 1.0) for r in runs["koopnet_subset"])
@@ -361,6 +405,7 @@ def summarise_grid(runs, n_test, n_eval_peer, n_full, n_sub) -> dict:
             "speedup_subset_same_n_eval": pk_sub_measured / kn_sub,
             "pykoopman_full_grid_s_estimate": pk_sub * n_full / n_sub,
             "speedup_full_grid_estimate": pk_sub * n_full / n_sub / out["koopnet_full_grid_s"],
+            "pykoopman_eval": extrapolated,
             "pykoopman_peak_rss_mib": max(r["peak_rss_mib"] for r in runs["pykoopman"]),
             "pydmd_subset_fit_s": med(total(r) for r in runs["pydmd"]),
             "koopnet_subset_fit_s": med(sum(c["fit_s"] for c in r["cells"])
@@ -371,6 +416,18 @@ def summarise_grid(runs, n_test, n_eval_peer, n_full, n_sub) -> dict:
             "agreement_pykoopman_eigenvalues": agree_eig,
             "agreement_pydmd_eigenvalues": agree_dmd,
             "agreement_pykoopman_predictions": agree_pred,
+        })
+        out["basis"].update({
+            "pykoopman_subset_s_measured": f"measured ({n_eval_peer} simulate calls per cell)",
+            "koopnet_subset_s_at_peer_n_eval": "measured (same cells, same n_eval)",
+            "speedup_subset_same_n_eval": "measured on both sides",
+            "pykoopman_subset_s_eval_extrapolated": extrapolated,
+            "koopnet_subset_s_at_n_test": "measured (the subset's cells in the full-grid runs)",
+            "speedup_subset_at_n_test": f"PyKoopman side {extrapolated}; koopnet side measured",
+            "pykoopman_full_grid_s_estimate": (f"extrapolated: subset x {n_full}/{n_sub} cells, "
+                                               f"and PyKoopman's eval {extrapolated}"),
+            "speedup_full_grid_estimate": "extrapolated (PyKoopman side estimated, see above)",
+            "pydmd_subset_fit_s": "measured", "koopnet_subset_fit_s": "measured",
         })
     return out
 
@@ -391,6 +448,10 @@ def scaling_part(args, tmp: Path) -> list[dict]:
             key = "fit_s" if mode == "koopnet" else "stream_s_extrapolated"
             row["median_s"] = statistics.median(r[key] for r in times)
             row["repeats"] = reps
+            measured = row["measured_pairs"]
+            row["basis"] = ("measured" if measured == n else
+                            f"extrapolated linearly in N from {measured} measured pairs"
+                            + (" (the solve measured)" if mode == "koopnet" else ""))
             rows.append(row)
             print(f"scaling N={n} {mode}: {row['median_s']:.2f}s "
                   f"(measured {row['measured_pairs']} pairs), peak {row['peak_rss_mib']:.0f} MiB",
@@ -399,9 +460,18 @@ def scaling_part(args, tmp: Path) -> list[dict]:
 
 
 def write_summary(results: dict, path: Path) -> None:
+    load = results.get("load_average")
     lines = ["# koopnet DMD benchmarks", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}  ",
-             f"Wall time of the whole run: {results['wall_s']:.0f} s", "",
+             f"Commit: {results.get('commit', 'not recorded')}  ",
+             f"Wall time of the whole run: {results['wall_s']:.0f} s", ""]
+    if load:
+        lines += [(f"Load: 1-minute load average {load['start']:.2f} at the start and "
+                  f"{load['end']:.2f} at the end on {os.cpu_count()} cores. Other jobs may "
+                  "share the machine; every library runs one at a time, alternating, so they "
+                  "meet the same contention, but absolute times are only as good as the load."),
+                  ""]
+    lines += [
              ("Data: synthetic. Trajectories of a random-weight (untrained) MNIST-shaped MLP "
              "784-256-128-64-32-10, scaled at each layer with 10 near-identity inserts, fed "
              "uniform random pixel-like inputs; shapes equal the paper's (T=12, w=256/128/64). "
@@ -409,28 +479,41 @@ def write_summary(results: dict, path: Path) -> None:
     g = results.get("grid")
     if g:
         lines += ["## MNIST-shaped grid (paper protocol: concatenated series, EDMD rank<=500)",
-                  "", "| quantity | value |", "|---|---|",
+                  "", "What each timer includes:", ""]
+        lines += [f"- {name}: {text}." for name, text in g.get("timers", {}).items()]
+        basis = g.get("basis", {})
+        lines += ["", "Every extrapolated number says so in the basis column (and in the JSON's "
+                  "`basis` and `pykoopman_eval` fields).", "",
+                  "| quantity | value | basis |", "|---|---|---|",
                   (f"| koopnet full grid ({g['n_cells_full']} cells, {g['n_test']} test "
-                  f"samples each), median of {g['repeats']} | {g['koopnet_full_grid_s']:.2f} s |"),
+                  f"samples each), median of {g['repeats']} | {g['koopnet_full_grid_s']:.2f} s "
+                  f"(of which eigendecompositions {g.get('koopnet_full_grid_eig_s', 0):.2f} s) | "
+                  f"{basis.get('koopnet_full_grid_s', 'measured')} |"),
                   (f"| koopnet peak RSS (baseline after imports) | {g['koopnet_peak_rss_mib']:.0f}"
-                  f" MiB ({g['koopnet_baseline_rss_mib']:.0f}) |")]
+                  f" MiB ({g['koopnet_baseline_rss_mib']:.0f}) | measured |")]
         if "pykoopman_subset_s_measured" in g:
             lines += [
                 (f"| PyKoopman subset ({g['n_cells_subset']} cells, {g['n_eval_peer']} simulate "
-                f"calls each), measured | {g['pykoopman_subset_s_measured']:.2f} s |"),
+                f"calls each) | {g['pykoopman_subset_s_measured']:.2f} s | "
+                f"{basis['pykoopman_subset_s_measured']} |"),
                 (f"| koopnet same subset, same n_eval | {g['koopnet_subset_s_at_peer_n_eval']:.2f}"
-                f" s (speed-up {g['speedup_subset_same_n_eval']:.0f}x) |"),
-                (f"| PyKoopman subset, eval extrapolated to {g['n_test']} samples | "
-                f"{g['pykoopman_subset_s_eval_extrapolated']:.1f} s |"),
-                (f"| koopnet same subset at {g['n_test']} samples (measured) | "
+                f" s (speed-up {g['speedup_subset_same_n_eval']:.0f}x) | "
+                f"{basis['speedup_subset_same_n_eval']} |"),
+                (f"| PyKoopman subset at {g['n_test']} samples | "
+                f"{g['pykoopman_subset_s_eval_extrapolated']:.1f} s | **extrapolated** from "
+                f"{g['n_eval_peer']} simulate calls per cell |"),
+                (f"| koopnet same subset at {g['n_test']} samples | "
                 f"{g['koopnet_subset_s_at_n_test']:.2f} s (speed-up "
-                f"{g['speedup_subset_at_n_test']:.0f}x) |"),
+                f"{g['speedup_subset_at_n_test']:.0f}x) | koopnet measured; the speed-up is "
+                f"**extrapolated** (PyKoopman's side) |"),
                 (f"| PyKoopman full grid, ESTIMATE (subset x {g['n_cells_full']}/"
                 f"{g['n_cells_subset']}) | {g['pykoopman_full_grid_s_estimate']:.0f} s "
-                f"(speed-up ~{g['speedup_full_grid_estimate']:.0f}x) |"),
-                f"| PyKoopman peak RSS | {g['pykoopman_peak_rss_mib']:.0f} MiB |",
-                (f"| PyDMD HankelDMD fit, subset | {g['pydmd_subset_fit_s']:.2f} s vs koopnet "
-                f"{g['koopnet_subset_fit_s']:.2f} s; peak RSS {g['pydmd_peak_rss_mib']:.0f} MiB |"),
+                f"(speed-up ~{g['speedup_full_grid_estimate']:.0f}x) | **extrapolated** (cells "
+                f"and PyKoopman's eval) |"),
+                f"| PyKoopman peak RSS | {g['pykoopman_peak_rss_mib']:.0f} MiB | measured |",
+                (f"| PyDMD HankelDMD fit, subset (eigenvalues, modes included on both sides) | "
+                f"{g['pydmd_subset_fit_s']:.2f} s vs koopnet fit {g['koopnet_subset_fit_s']:.2f}"
+                f" s; PyDMD peak RSS {g['pydmd_peak_rss_mib']:.0f} MiB | measured |"),
                 "", f"Peer versions: {g['peer_versions']}; PyDMD run: {g['pydmd_versions']}.",
                 "", ("Agreement per subset cell (koopnet's 20 largest eigenvalues to the nearest "
                 "peer eigenvalue, relative; predictions of s_11, relative Frobenius):"), "",
@@ -446,21 +529,25 @@ def write_summary(results: dict, path: Path) -> None:
     s = results.get("scaling")
     if s:
         lines += ["## Streamed fit vs the physical limit (D = 2816: W=256, h=10)", "",
-                  ("Limit = one float64 X^T X of the lifted [N, 2816] pairs, summed over the same "
-                  "4096-row batches. koopnet = TrajectoryMoments streaming (one pass, serves "
-                  "every h) + pair_statistics + eigh solve. Data generated on the fly (never "
-                  "materialised); generation time excluded from both."), "",
+                  ("Limit timer = one float64 X^T X of the lifted [N, 2816] pairs, summed over the "
+                  "same 4096-row batches. koopnet timer = TrajectoryMoments streaming (one pass, "
+                  "serves every h) + pair_statistics + DMD.fit_statistics (eigh of the Gram "
+                  "matrix and the reduced operator); neither side computes the operator's "
+                  "eigenvalues. Data generated on the fly (never materialised); generation time "
+                  "excluded from both."), "",
                   ("| N pairs | measured pairs | X^T X limit (s) | koopnet fit (s) | of which solve"
-                  " (s) | fit / limit | koopnet peak RSS (MiB) |"), "|---|---|---|---|---|---|---|"]
+                  " (s) | fit / limit | koopnet peak RSS (MiB) | basis |"),
+                  "|---|---|---|---|---|---|---|---|"]
         by = {(r["n_pairs"], r["mode"]): r for r in s}
         for n in sorted({r["n_pairs"] for r in s}):
             lim, kn = by[(n, "limit")], by[(n, "koopnet")]
             lines.append(f"| {n:.0e} | {kn['measured_pairs']} | {lim['median_s']:.2f} | "
                          f"{kn['median_s']:.2f} | {kn['solve_s']:.2f} | "
-                         f"{kn['median_s'] / lim['median_s']:.2f} | {kn['peak_rss_mib']:.0f} |")
-        lines += ["", ("Rows whose measured pairs < N are extrapolated linearly in N from the "
-                  "measured prefix (the streamed part is linear in N; the solve is measured)."),
-                  ""]
+                         f"{kn['median_s'] / lim['median_s']:.2f} | {kn['peak_rss_mib']:.0f} | "
+                         f"{'measured' if kn['measured_pairs'] == n else '**extrapolated**'} |")
+        lines += ["", ("Rows marked extrapolated time only the first `measured pairs` and scale "
+                  "the streamed part linearly to N (on both sides); the solve is measured on "
+                  "statistics scaled to N."), ""]
     hy = results.get("hybrid")
     if hy:
         lines += ["## Hybrid inference throughput (batch 4096; float32 network, map stored in "
@@ -471,11 +558,24 @@ def write_summary(results: dict, path: Path) -> None:
             lines.append(f"| {r['layer']} | {r['n_delays']} | {r['original_samples_per_s']:.0f}"
                          f" | {r['hybrid_samples_per_s']:.0f} | {r['ratio']:.2f} |")
         lines += ["", "The hybrid still runs h inserted W x W blocks and applies a [w', W(h+1)] "
-                  "map. At layer 1 (W = 256) h = 10 adds 10 x 65k + 360k multiply-adds per "
-                  "sample to the original network's 244k, so its ratio is bounded near 0.2 by "
-                  "construction; the ratio reaches 0.5 where h W^2 is small next to the network.",
+                  "map (timer: one forward pass of a 4096 batch per network, alternating, median "
+                  "of the repeats; fitting excluded). At layer 1 (W = 256) h = 10 adds "
+                  "10 x 65k + 360k multiply-adds per sample to the original network's 244k, so "
+                  "its ratio is bounded near 0.2 by construction; the ratio reaches 0.5 where "
+                  "h W^2 is small next to the network.",
                   ""]
     path.write_text("\n".join(lines))
+
+
+def git_commit() -> str:
+    """HEAD of the repository, with ``+uncommitted`` when src/ or benchmarks/ differ from it."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=HERE.parent, capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    return head + (" +uncommitted changes" if dirty else "")
 
 
 def fmt(x) -> str:
@@ -510,7 +610,8 @@ def main() -> None:
     peer_python = None if args.no_peers or "grid" not in parts else ensure_peer_venv()
     import torch
 
-    results = {"command": " ".join(["python", *sys.argv]),
+    results = {"command": " ".join(["python", *sys.argv]), "commit": git_commit(),
+               "load_average": {"start": os.getloadavg()[0]},
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
                           f"cores, torch {torch.__version__}, {args.threads} BLAS thread(s)/worker",
                "quick": args.quick}
@@ -527,6 +628,7 @@ def main() -> None:
                     "repeats": 5 if args.quick else 20, "seed": args.seed}
             results["hybrid"] = run_json(koopnet_cmd("hybrid"), spec, tmp, "hybrid")
     results["wall_s"] = time.perf_counter() - started
+    results["load_average"]["end"] = os.getloadavg()[0]
     stem = "quick" if args.quick else "full"
     (out / f"bench_{stem}.json").write_text(json.dumps(results, indent=1))
     write_summary(results, out / ("summary_quick.md" if args.quick else "summary.md"))

@@ -13,13 +13,15 @@ runs for that cell.
     .venv/bin/python benchmarks/paper_seeds.py --dataset yinyang --seeds 0 1 2 3 4 5 6 7
     .venv/bin/python benchmarks/paper_seeds.py --dataset mnist --data-dir ../shared/data
 
-Writes benchmarks/results/{dataset}_paper_seeds.{json,md}. ``--peer-check`` also runs the
+Writes benchmarks/results/{dataset}_paper_seeds.{json,md} (``--quick``, a smoke run with the
+protocol's shortened recipes: {dataset}_paper_seeds_quick.*). ``--peer-check`` also runs the
 paper's PyKoopman pipeline on the first seed's trajectories (bench_dmd.py's peer environment).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -28,13 +30,13 @@ from tqdm import tqdm
 
 from koopnet.io.artifacts import atomic_write_text, write_json
 from koopnet.lab.protocols import (
-    default_config,
     environment,
     load_protocol_data,
     scale_for_protocol,
     sweep_layer,
     train_base,
 )
+from koopnet.lab.recipes import default_config
 from koopnet.models import accuracy
 
 HERE = Path(__file__).resolve().parent
@@ -64,9 +66,11 @@ def pykoopman_accuracy(scaled, data, n_delays: int, n_trajectories: int, rank) -
 
 
 def run_seed(args: argparse.Namespace, seed: int, peer_check: bool = False) -> dict:
-    config = default_config(args.dataset, "paper", seed=seed)
-    config.data_dir = args.data_dir
-    config.delays, config.trajectory_counts = [args.n_delays], [args.trajectories]
+    config = default_config(args.dataset, "paper", seed=seed, quick=args.quick,
+                            data_dir=args.data_dir)
+    # ExperimentConfig is frozen: the one cell of this benchmark is a replaced copy
+    config = dataclasses.replace(config, delays=(args.n_delays,),
+                                 trajectory_counts=(args.trajectories,))
     data = load_protocol_data(config)
     model = train_base(config, data, progress=False)
     scaled, report = scale_for_protocol(config, model, data, args.layer)
@@ -94,6 +98,7 @@ def render(results: dict) -> str:
     s = results["setting"]
     held = all("hybrid_held_out" in r for r in results["rows"])
     peer = " --peer-check" if any("pykoopman_test" in r for r in results["rows"]) else ""
+    peer += " --quick" if s.get("quick") else ""
     rank = "full" if s["rank"] is None else s["rank"]
     lines = [
         f"# {s['dataset']}, paper protocol: seed spread of the headline setting", "",
@@ -142,6 +147,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--peer-check", action="store_true",
                         help="also run PyKoopman on the first seed's trajectories")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the protocol's quick recipes (a twentieth of the "
+                             "epochs); numbers are not comparable with the paper's")
     args = parser.parse_args()
     setting = SETTINGS[args.dataset]
     args.layer = args.layer or setting["layer"]
@@ -155,15 +163,17 @@ def main() -> None:
     results = {
         "setting": {"dataset": args.dataset, "layer": args.layer, "n_delays": args.n_delays,
                     "n_trajectories": args.trajectories, "protocol": "paper",
-                    "rank": default_config(args.dataset, "paper").ranks[0]},
+                    "rank": default_config(args.dataset, "paper").ranks[0],
+                    "quick": args.quick},
         "paper_accuracy": setting["paper"], "rows": rows,
         "summary": {key: summarise(rows, key) for key in keys},
         "wall_s": time.perf_counter() - clock, "environment": environment(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{args.dataset}_paper_seeds.json", results)
-    atomic_write_text(out / f"{args.dataset}_paper_seeds.md", render(results))
+    stem = f"{args.dataset}_paper_seeds" + ("_quick" if args.quick else "")  # never overwrites
+    write_json(out / f"{stem}.json", results)
+    atomic_write_text(out / f"{stem}.md", render(results))
     print(render(results))
 
 
