@@ -11,17 +11,22 @@ The map is fitted and stored in float64 but applied in the network's own precisi
 for a float32 network), as an ``nn.Linear`` would be: a float64 GEMM plus the casts made the
 hybrid 2-3x slower for a rounding difference far below float32 activations' own. Set
 ``compute_dtype=torch.float64`` to apply it in double precision.
+
+:meth:`KoopmanHybrid.fold` turns a hybrid into a plain ``nn.Sequential`` for export.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 from koopnet._checks import check_delays, check_int, check_is_fitted, check_width_preserving
 from koopnet.dmd import DMD
+from koopnet.fold import Cast, DelayWindow, linear_layers, window_map
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
 from koopnet.trajectories import PAD_VALUE
@@ -155,6 +160,51 @@ class KoopmanHybrid(nn.Module):
         dtype = self.compute_dtype or lifted.dtype
         predicted = lifted.to(dtype) @ self.linear_map.to(dtype).T  # [B, w']
         return self.tail(predicted.to(lifted.dtype))
+
+    def fold(self, *, factored: bool | None = None) -> nn.Sequential:
+        """The hybrid as a plain ``nn.Sequential`` of standard torch modules, for export.
+
+        Children: ``head``; ``block1``.. for the inserted blocks run before the delay window
+        (only when ``n_blocks`` > h); ``window``, a :class:`koopnet.fold.DelayWindow` that runs
+        the last h prefix blocks and hands on [s_k, ..., s_{k-h}] (only when h > 0, because a
+        Sequential passes one tensor and the map needs every state of the window); ``map``, the
+        linear map; ``tail``. The padding and constant columns of ``linear_map`` are folded into
+        the map's bias (they are the same for every sample), so the map reads (h+1) w inputs
+        instead of D. It is applied in ``compute_dtype`` between two casts when that differs from
+        the network's precision, as :meth:`forward_lifted` does.
+
+        ``factored``: when the map's numerical rank r (float64 SVD, numerically zero singular
+        values dropped) makes r ((h+1) w + w') < (h+1) w w', the map is applied in factored
+        form, ``nn.Sequential(nn.Linear((h+1) w, r, bias=False), nn.Linear(r, w'))``: fewer
+        multiply-adds for the same function. None (default) chooses so; True or False forces
+        it. The modules are copies with gradients off, in eval mode, so the result does not
+        change when the hybrid does. Only delay observables fold into a linear map.
+        Shape: x [B, features] -> logits [B, classes].
+        """
+        if type(self.observable) is not TimeDelay:
+            raise TypeError(f"fold() needs a TimeDelay observable; this hybrid lifts with "
+                            f"{self.observable!r}, whose features are not linear in the states. "
+                            "Run the hybrid itself, or fit it with a TimeDelay observable.")
+        if factored is not None and not isinstance(factored, bool):
+            raise TypeError(f"factored={factored!r} must be None (choose by cost), True or "
+                            "False.")
+        h, k = self.n_delays, self.n_blocks
+        parameter = next(self.head.parameters())
+        net_dtype, device = parameter.dtype, parameter.device
+        weight, bias = window_map(self.linear_map, n_states=h + 1, width=self.width,
+                                  padded_width=self.observable.n_features_in_,
+                                  pad_value=self.pad_value, constant=self.observable.constant)
+        dtype = self.compute_dtype or net_dtype
+        linear = linear_layers(weight, bias, factored=factored, dtype=dtype, device=device)
+        if dtype != net_dtype:
+            linear = nn.Sequential(Cast(dtype), linear, Cast(net_dtype))
+        blocks = [copy.deepcopy(block) for block in self.prefix]
+        parts = [("head", copy.deepcopy(self.head))]
+        parts += [(f"block{i + 1}", block) for i, block in enumerate(blocks[:k - h])]
+        if h:
+            parts.append(("window", DelayWindow(blocks[k - h:])))
+        parts += [("map", linear), ("tail", copy.deepcopy(self.tail))]
+        return nn.Sequential(OrderedDict(parts)).requires_grad_(False).eval()
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, n_delays={self.n_delays}, linear_steps={self.linear_steps}, "
