@@ -88,7 +88,7 @@ def test_python_api_and_staged_cli_give_identical_results(fresh_mlp, api_hybrid,
     assert set(scaled_meta["parents"]) == {"model", "data", "labels"}
     assert hybrid_meta["parents"] == {"scaled": scaled_meta["sha256"]}
     assert results["parents"]["hybrid"] == hybrid_meta["sha256"]
-    assert scaled_meta["format_version"] == 1 and scaled_meta["koopnet_version"]
+    assert scaled_meta["format_version"] == 2 and scaled_meta["koopnet_version"]
 
 
 def test_dataloader_input_equals_tensor_input(fresh_mlp, api_hybrid):

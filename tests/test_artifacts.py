@@ -25,6 +25,7 @@ from koopnet.io.artifacts import (
     load_artifact,
     prepare_output_dir,
     save_artifact,
+    staged_folder,
     write_json,
 )
 
@@ -48,7 +49,13 @@ def saved(tmp_path):
 
 
 def _temp_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob(".*.tmp"))
+    return sorted([*folder.glob(".*.tmp"), *folder.glob(".*.pending")])
+
+
+def _write_meta(folder: Path, meta: dict, name: str = "dmd") -> None:
+    """Write an edited JSON with a matching metadata hash, to reach the checks behind it."""
+    meta["metadata_sha256"] = artifacts._metadata_sha256(meta)
+    write_json(folder / f"{name}.json", meta)
 
 
 def test_round_trip_is_bit_identical(tmp_path):
@@ -67,6 +74,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["tensors"]["operator"] == {"shape": [4, 4], "dtype": "float32"}
     assert meta["sha256"] == file_sha256(tmp_path / "dmd.safetensors")
+    assert meta["metadata_sha256"] == artifacts._metadata_sha256(meta)
     assert isinstance(meta["koopnet_version"], str) and meta["koopnet_version"]
     assert _temp_files(tmp_path) == []
 
@@ -112,7 +120,8 @@ def _edit_meta(folder: Path, **changes) -> None:
 
 def test_too_new_version_is_refused(saved):
     _edit_meta(saved, format_version=FORMAT_VERSION + 2)
-    match = rf"'.*dmd.json' has format_version 3; this koopnet reads versions <= {FORMAT_VERSION}"
+    match = (rf"'.*dmd.json' has format_version {FORMAT_VERSION + 2}; this koopnet reads "
+             rf"versions <= {FORMAT_VERSION}")
     with pytest.raises(ArtifactError, match=match):
         load_artifact(saved, "dmd")
 
@@ -134,6 +143,9 @@ def test_tampered_shape_is_detected(saved):
     meta = json.loads((saved / "dmd.json").read_text())
     meta["tensors"]["operator"]["shape"] = [2, 8]
     write_json(saved / "dmd.json", meta)
+    with pytest.raises(ArtifactError, match=r"dmd.json' was edited after it was written"):
+        load_artifact(saved, "dmd")
+    _write_meta(saved, meta)
     with pytest.raises(ArtifactError, match=r"holds tensors .* but '.*dmd.json' records"):
         load_artifact(saved, "dmd")
 
@@ -141,7 +153,7 @@ def test_tampered_shape_is_detected(saved):
 def test_missing_tensor_is_detected(saved):
     meta = json.loads((saved / "dmd.json").read_text())
     meta["tensors"]["extra"] = {"shape": [1], "dtype": "float32"}
-    write_json(saved / "dmd.json", meta)
+    _write_meta(saved, meta)
     with pytest.raises(ArtifactError, match="re-create the artifact"):
         load_artifact(saved, "dmd")
 
@@ -165,26 +177,32 @@ def test_bad_inputs_to_save(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("fail_on_call", [1, 2])
+@pytest.mark.parametrize("fail_on_call", [1, 2, 3])
 def test_interrupted_save_keeps_previous_artifact(saved, monkeypatch, interrupt_on_replace,
                                                   fail_on_call):
-    """Ctrl-C on the tensor rename (1) leaves the old pair; on the JSON rename (2) the new tensor
-    file sits beside the old JSON, which the hash check refuses instead of loading mixed data."""
+    """save_artifact renames three times: the tensors' temporary onto their pending name (1),
+    the JSON into place (2, the commit point), the pending file onto name.safetensors (3).
+    Ctrl-C before the commit leaves the old pair; after it, the new pair loads (from the
+    pending file the new JSON names). Never a mix."""
     before = (saved / "dmd.json").read_bytes(), (saved / "dmd.safetensors").read_bytes()
     interrupt_on_replace(fail_on_call)
     with pytest.raises(KeyboardInterrupt):
         save_artifact(saved, "dmd", {"operator": torch.ones(100)}, {"rank": 9}, kind="dmd")
     monkeypatch.undo()
-    assert _temp_files(saved) == []
-    assert (saved / "dmd.json").read_bytes() == before[0]
-    if fail_on_call == 1:
-        assert (saved / "dmd.safetensors").read_bytes() == before[1]
-        tensors, meta = load_artifact(saved, "dmd")
+    assert (saved / "dmd.safetensors").read_bytes() == before[1]
+    tensors, meta = load_artifact(saved, "dmd")
+    if fail_on_call < 3:
+        assert _temp_files(saved) == []
+        assert (saved / "dmd.json").read_bytes() == before[0]
         assert meta["config"]["rank"] == 3
         assert all(torch.equal(tensors[k], v) for k, v in _tensors().items())
     else:
-        with pytest.raises(ArtifactError, match="does not match the hash"):
-            load_artifact(saved, "dmd")
+        assert meta["config"]["rank"] == 9 and torch.equal(tensors["operator"], torch.ones(100))
+        assert [p.name for p in _temp_files(saved)] == [f".dmd.safetensors.{meta['sha256']}"
+                                                        ".pending"]
+        save_artifact(saved, "dmd", _tensors(), {"rank": 3}, kind="dmd")  # cleans it up
+        assert _temp_files(saved) == []
+        assert load_artifact(saved, "dmd")[1]["config"]["rank"] == 3
 
 
 def test_interrupted_text_write_keeps_old_file(tmp_path, monkeypatch):
@@ -213,14 +231,17 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_sigkill_mid_save_never_yields_corrupt_data(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.45])
+def test_sigkill_mid_save_never_yields_a_mixed_pair(tmp_path, delay):
+    """A child saves ever new versions of one artifact until it is killed; the folder must then
+    load, and the tensors must be the ones its JSON describes (old pair or new pair)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        time.sleep(delay)
         assert child.poll() is None, "the child stopped before it could be killed"
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
@@ -230,14 +251,9 @@ def test_sigkill_mid_save_never_yields_corrupt_data(tmp_path):
             child.wait()
         child.stdout.close()
     assert child.returncode == -signal.SIGKILL
-    # SIGKILL cannot be cleaned up after, so stray ".big.*.tmp" files may remain; the pair may
-    # not mix: either it loads and the tensor agrees with its own JSON, or the hash refuses it
-    # (the kill fell in the microseconds between the two renames).
-    try:
-        tensors, meta = load_artifact(tmp_path, "big", kind="test")
-    except ArtifactError as err:
-        assert "does not match the hash" in str(err)
-        return
+    # SIGKILL cannot be cleaned up after, so stray ".big.*.tmp" / ".pending" files may remain,
+    # but the artifact must load: a hash mismatch here would be a mixed pair.
+    tensors, meta = load_artifact(tmp_path, "big", kind="test")
     size = 3 if meta["config"]["i"] == 0 else 12_500_000
     assert torch.equal(tensors["w"], torch.full((size,), float(meta["config"]["i"])))
 
@@ -277,3 +293,208 @@ def test_any_float32_dict_round_trips(tmp_path_factory, shapes, seed):
         for k, v in original.items()
     )
     assert meta["config"] == {"seed": seed}
+
+
+# --------------------------------------------------------------------------------------------
+# The metadata is covered by a hash too
+
+
+@pytest.fixture(scope="module")
+def scaled_and_hybrid(tmp_path_factory):
+    """A saved scaled model and hybrid (a few epochs: only their files matter here)."""
+    from koopnet.io.datasets import make_yinyang
+    from koopnet.io.serialize import save_hybrid, save_scaled
+    from koopnet.linearization import fit_hybrid
+    from koopnet.models import TrainConfig, build_mlp
+    from koopnet.scaling import scale_layer
+
+    torch.manual_seed(0)
+    X, y = make_yinyang(200, seed=0)
+    model = build_mlp([2, 8, 6, 4, 2], "tanh")
+    scaled, _ = scale_layer(model, 2, X, y, n_inserted=3, init="he",
+                            config=TrainConfig(epochs=2, batch_size=200, lr=1e-2))
+    hybrid = fit_hybrid(scaled, X, n_delays=1)
+    folder = tmp_path_factory.mktemp("saved")
+    save_scaled(scaled, folder)
+    save_hybrid(hybrid, folder)
+    return folder
+
+
+def _find_activation(node):
+    """The first {"type": "activation", "name": ...} entry anywhere in a JSON tree."""
+    if isinstance(node, dict):
+        if node.get("type") == "activation":
+            return node
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found = _find_activation(item)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.parametrize(("name", "field"), [("scaled", "activation"), ("scaled", "layer"),
+                                             ("hybrid", "activation"), ("hybrid", "layer"),
+                                             ("hybrid", "linear_steps")])
+def test_edited_metadata_is_refused(scaled_and_hybrid, tmp_path, name, field):
+    from koopnet.io.serialize import load_hybrid, load_scaled
+
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"{name}{suffix}").write_bytes((scaled_and_hybrid / f"{name}{suffix}")
+                                                   .read_bytes())
+    load = {"scaled": load_scaled, "hybrid": load_hybrid}[name]
+    assert load(tmp_path) is not None
+    meta = json.loads((tmp_path / f"{name}.json").read_text())
+    if field == "activation":
+        entry = _find_activation(meta["config"]["architecture"])
+        entry["name"] = "relu" if entry["name"] != "relu" else "tanh"
+    else:
+        meta["config"][field] += 1
+    (tmp_path / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    match = (rf"^'.*{name}.json' was edited after it was written \(metadata hash mismatch\); "
+             r"re-create it.$")
+    with pytest.raises(ArtifactError, match=match):
+        load(tmp_path)
+
+
+def test_format_version_1_files_still_load(saved):
+    """Legacy files have no metadata hash: the tensor hash and shapes are still checked."""
+    meta = json.loads((saved / "dmd.json").read_text())
+    del meta["metadata_sha256"]
+    meta["format_version"] = 1
+    meta["config"]["rank"] = 7  # undetectable in a version 1 file
+    write_json(saved / "dmd.json", meta)
+    tensors, loaded = load_artifact(saved, "dmd", kind="dmd")
+    assert loaded["config"]["rank"] == 7 and torch.equal(tensors["operator"],
+                                                         _tensors()["operator"])
+    meta["format_version"] = 2
+    write_json(saved / "dmd.json", meta)
+    with pytest.raises(ArtifactError, match="was edited after it was written"):
+        load_artifact(saved, "dmd")
+
+
+def test_metadata_hash_survives_non_string_keys(tmp_path):
+    save_artifact(tmp_path, "k", {}, {"by_width": {2: "a", 10: "b"}}, kind="k")
+    assert load_artifact(tmp_path, "k")[1]["config"] == {"by_width": {"2": "a", "10": "b"}}
+
+
+# --------------------------------------------------------------------------------------------
+# File modes follow the umask
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask for the test; the old one comes back after."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755),
+                                                             (0o077, 0o600, 0o700)])
+def test_modes_follow_the_umask(tmp_path, umask, mask, file_mode, dir_mode):
+    umask(mask)
+    save_artifact(tmp_path, "m", {"w": torch.ones(2)}, {}, kind="m")
+    write_json(tmp_path / "r.json", {})
+    for path in ("m.json", "m.safetensors", "r.json"):
+        assert (tmp_path / path).stat().st_mode & 0o777 == file_mode, path
+    with staged_folder(tmp_path / "run") as stage:
+        assert stage.stat().st_mode & 0o777 == dir_mode
+        write_json(stage / "results.json", {})
+    assert (tmp_path / "run").stat().st_mode & 0o777 == dir_mode
+    assert (tmp_path / "run" / "results.json").stat().st_mode & 0o777 == file_mode
+
+
+# --------------------------------------------------------------------------------------------
+# Whole run folders
+
+
+def _run(folder: Path, seed: int) -> None:
+    with staged_folder(folder, force=True) as stage:
+        write_json(stage / "results.json", {"seed": seed})
+        atomic_write_text(stage / "report.md", f"seed {seed}\n")
+
+
+def _siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name != folder.name)
+
+
+def test_staged_folder_replaces_a_whole_run(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 1)
+    (out / "old-only.png").write_bytes(b"png")
+    _run(out, 2)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json"]
+    assert json.loads((out / "results.json").read_text()) == {"seed": 2}
+    assert _siblings(out) == []
+    with pytest.raises(FileExistsError, match="pass --force to write into it"):
+        with staged_folder(out):
+            pass
+
+
+def test_failed_staged_run_leaves_the_earlier_one(tmp_path):
+    out = tmp_path / "run"
+    _run(out, 1)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(out, force=True) as stage:
+            write_json(stage / "results.json", {"seed": 2})
+            raise KeyboardInterrupt
+    assert json.loads((out / "results.json").read_text()) == {"seed": 1}
+    assert _siblings(out) == []
+    with pytest.raises(RuntimeError):
+        with staged_folder(tmp_path / "new"):
+            raise RuntimeError
+    assert not (tmp_path / "new").exists() and _siblings(out) == []
+
+
+def test_stale_staging_folders_are_harmless_and_cleaned(tmp_path):
+    """A SIGKILLed run leaves ``.run.XXXXXXXX.staging``: the next run works and removes it, but
+    never a staging folder a live run holds (locked) or one that belongs to another name."""
+    out = tmp_path / "run"
+    _run(out, 1)
+    stale = tmp_path / ".run.abcd1234.staging"
+    stale.mkdir()
+    (stale / "results.json").write_text("{}")
+    other = tmp_path / ".run.x.abcd1234.staging"  # staging of a folder named "run.x"
+    other.mkdir()
+    live = tmp_path / ".run.live0000.staging"
+    live.mkdir()
+    lock = artifacts._lock(live)
+    assert lock is not None
+    try:
+        _run(out, 2)
+    finally:
+        os.close(lock)
+    assert json.loads((out / "results.json").read_text()) == {"seed": 2}
+    assert _siblings(out) == [".run.live0000.staging", ".run.x.abcd1234.staging"]
+    _run(out, 3)
+    assert _siblings(out) == [".run.x.abcd1234.staging"]
+
+
+def test_staged_folder_without_exchange_falls_back(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run(out, 1)
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    _run(out, 2)
+    assert json.loads((out / "results.json").read_text()) == {"seed": 2}
+    assert _siblings(out) == []
+
+
+def test_staged_folder_through_a_symlink(tmp_path):
+    real = tmp_path / "real"
+    _run(real, 1)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    _run(link, 2)
+    assert link.is_symlink() and json.loads((link / "results.json").read_text()) == {"seed": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_staged_folder_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no koopnet run"):
+        with staged_folder(tmp_path, force=True):
+            pass
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -277,11 +277,11 @@ def test_altered_parent_is_detected(capsys, user_model, scale_dir, tmp_path):
 
 def test_corrupt_and_too_new_artifacts(capsys, scale_dir, tmp_path):
     meta = json.loads((scale_dir / "scaled.json").read_text())
-    meta["format_version"] = 99
+    version, meta["format_version"] = meta["format_version"], 99
     (scale_dir / "scaled.json").write_text(json.dumps(meta))
     err = cli_error(capsys, fit_args(scale_dir, tmp_path / "f"))
-    assert "has format_version 99; this koopnet reads versions <= 1" in err
-    meta["format_version"] = 1
+    assert "has format_version 99; this koopnet reads versions <= 2" in err
+    meta["format_version"] = version
     (scale_dir / "scaled.json").write_text(json.dumps(meta))
     blob = (scale_dir / "scaled.safetensors").read_bytes()
     (scale_dir / "scaled.safetensors").write_bytes(blob[:-10])
@@ -325,19 +325,18 @@ def test_ctrl_c_during_a_forced_rewrite_keeps_the_earlier_artifact(
 
 def test_ctrl_c_during_the_second_save_of_fit(capsys, monkeypatch, interrupt_on_replace,
                                               scale_dir, tmp_path):
-    """fit writes dmd.* then hybrid.*; Ctrl-C on the hybrid's tensor file leaves the scale
-    folder loadable and a fit folder that evaluate refuses with a clear message."""
-    interrupt_on_replace(on_call=3)  # dmd: 2 renames; the 3rd is the hybrid's
+    """fit stages dmd.* then hybrid.* in a hidden sibling folder; Ctrl-C on the hybrid's files
+    leaves the scale folder loadable and no fit folder at all (nothing half-written)."""
+    interrupt_on_replace(on_call=4)  # dmd: 3 renames; the 4th is the hybrid's
     code = main(["--quiet", "fit", str(scale_dir), "--n-delays", "1", "--out",
                  str(tmp_path / "fit")])
     monkeypatch.undo()
     assert code == 130
     capsys.readouterr()
     assert koopnet.load_scaled(scale_dir) is not None
-    assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == ["dmd.json",
-                                                                    "dmd.safetensors"]
+    assert not (tmp_path / "fit").exists() and list(tmp_path.glob(".fit.*")) == []
     err = cli_error(capsys, ["evaluate", str(tmp_path / "fit"), "--out", str(tmp_path / "e")])
-    assert "holds no hybrid.json" in err and "interrupted; re-run it" in err
+    assert "is not a folder; pass the output folder of `koopnet fit`" in err
 
 
 # --------------------------------------------------------------------------------------------

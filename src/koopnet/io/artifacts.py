@@ -2,9 +2,20 @@
 
 An artifact ``name`` in a folder is the pair ``name.safetensors`` (tensors only: no pickle, so
 loading a file can never run code) and ``name.json`` (format version, kind, configuration,
-provenance and the SHA-256 of the tensor file). Every file is written to a temporary file in the
-same folder, fsynced and moved into place with ``os.replace``, so a crash or Ctrl-C leaves the
-previous file intact; the recorded hash catches a tensor file that changed under its JSON.
+provenance, the SHA-256 of the tensor file in ``sha256`` and, from format version 2, the
+SHA-256 of the JSON's own other fields in ``metadata_sha256``, so an edited ``activation`` or
+``layer`` is refused instead of silently loading with other outputs).
+
+Why the pair can never mix, even under SIGKILL: two files cannot be renamed in one step, so the
+JSON is the commit point. :func:`save_artifact` first writes the new tensors, fsynced, to
+``.name.safetensors.<sha256>.pending`` (a name the new JSON's hash determines), then renames the
+new JSON into place, then renames the pending file onto ``name.safetensors``. Before the JSON
+rename the old JSON describes the old tensor file; after it, :func:`load_artifact` finds the
+new tensors either in ``name.safetensors`` or, if the process died before the last rename, in
+the pending file the JSON names (checked against the same hash). A later save of the same
+artifact removes such leftovers. Single files (results, reports) go through a fsynced
+temporary and ``os.replace``; whole run folders through :func:`staged_folder`. New files get
+``0o666 & ~umask`` like ``open()`` would give them, and staged folders ``0o777 & ~umask``.
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as folder:
@@ -23,6 +34,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +43,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-FORMAT_VERSION = 1
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so stale staging folders are left alone
+    fcntl = None
+
+FORMAT_VERSION = 2
+_HASH_KEYS = ("sha256", "metadata_sha256")
 _REQUIRED_KEYS = ("format_version", "kind", "sha256", "tensors")
 
 
@@ -76,8 +94,13 @@ def _replace_all(pairs: list[tuple[Path, bytes]]) -> None:
     finally:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)  # no-op for the ones already renamed
-    with contextlib.suppress(OSError):  # make the renames durable; Windows cannot open folders
-        fd = os.open(pairs[0][0].parent, os.O_RDONLY)
+    _fsync_dir(pairs[0][0].parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable; Windows cannot open folders, so it is skipped there."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -150,8 +173,8 @@ def save_artifact(
 ) -> Path:
     """Save ``tensors`` and ``config`` as ``<directory>/<name>.safetensors`` + ``<name>.json``.
 
-    Both files are staged as fsynced temporaries and renamed tensors first, JSON last, so after
-    a crash either the old pair survives or the JSON's hash no longer matches (caught on load).
+    The JSON is the commit point (see the module docstring): after a crash or kill at any
+    moment :func:`load_artifact` returns the whole old pair or the whole new one.
 
     Parameters
     ----------
@@ -193,6 +216,8 @@ def save_artifact(
         "parents": dict(parents or {}),
     }
     try:
+        meta = json.loads(_json_bytes(meta))  # hash what a reader will parse (keys become str)
+        meta["metadata_sha256"] = _metadata_sha256(meta)
         meta_bytes = _json_bytes(meta)
     except (TypeError, ValueError) as err:
         raise TypeError(
@@ -200,9 +225,35 @@ def save_artifact(
             "use dicts, lists, str, int, float, bool and None only."
         ) from err
     folder = Path(directory)
-    json_path = folder / f"{name}.json"
-    _replace_all([(folder / f"{name}.safetensors", blob), (json_path, meta_bytes)])
+    json_path, st_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    pending = _pending_path(folder, name, meta["sha256"])
+    _replace_all([(pending, blob)])  # complete and durable before the JSON points to it
+    try:
+        _replace_all([(json_path, meta_bytes)])  # the commit point
+    except BaseException:
+        pending.unlink(missing_ok=True)  # the old JSON still stands; the new tensors are unused
+        raise
+    os.replace(pending, st_path)  # a kill before this line leaves the pending file the JSON names
+    _fsync_dir(folder)
+    for stale in folder.iterdir():  # pending files of earlier, killed saves of this artifact
+        if _pending_name(name).fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
     return json_path
+
+
+def _pending_path(folder: Path, name: str, sha256: str) -> Path:
+    return folder / f".{name}.safetensors.{sha256}.pending"
+
+
+def _pending_name(name: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(name)}\.safetensors\.[0-9a-f]{{64}}\.pending")
+
+
+def _metadata_sha256(meta: dict) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of every field but the hashes."""
+    body = {key: value for key, value in meta.items() if key not in _HASH_KEYS}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def load_artifact(
@@ -211,15 +262,18 @@ def load_artifact(
     """Load an artifact written by :func:`save_artifact` and verify it before trusting it.
 
     Checks, in order: the JSON parses and has the required keys, its ``format_version`` is one
-    this koopnet reads, ``kind`` matches (when given), the tensor file's SHA-256 equals the
-    recorded one, and the tensor names, shapes and dtypes equal those recorded.
+    this koopnet reads, its other fields hash to ``metadata_sha256`` (format version 2; version
+    1 files have no such hash and are read as before), ``kind`` matches (when given), the tensor
+    file's SHA-256 equals the recorded one, and the tensor names, shapes and dtypes equal those
+    recorded.
 
     Returns
     -------
     tensors : dict of str to Tensor
         On CPU, with the dtypes they were saved with.
     metadata : dict
-        The full JSON: format_version, kind, koopnet_version, config, tensors, sha256, parents.
+        The full JSON: format_version, kind, koopnet_version, config, tensors, parents, sha256
+        (of the tensor file) and metadata_sha256.
 
     Raises
     ------
@@ -229,7 +283,7 @@ def load_artifact(
     _check_name(name)
     folder = Path(directory)
     json_path, st_path = folder / f"{name}.json", folder / f"{name}.safetensors"
-    if not json_path.is_file() or not st_path.is_file():
+    if not json_path.is_file():
         raise ArtifactError(
             f"no artifact '{name}' in '{folder}': expected {name}.json and {name}.safetensors."
         )
@@ -248,9 +302,18 @@ def load_artifact(
             f"'{json_path}' has format_version {version}; this koopnet reads versions "
             f"<= {FORMAT_VERSION}. Upgrade koopnet or re-create the artifact."
         )
+    if (version >= 2 or "metadata_sha256" in meta) and (
+            meta.get("metadata_sha256") != _metadata_sha256(meta)):
+        raise ArtifactError(f"'{json_path}' was edited after it was written (metadata hash "
+                            "mismatch); re-create it.")
     if kind is not None and meta["kind"] != kind:
         raise ArtifactError(f"'{json_path}' holds a '{meta['kind']}' artifact, expected '{kind}'.")
-    blob = st_path.read_bytes()
+    blob = _tensor_bytes(st_path, _pending_path(folder, name, str(meta["sha256"])),
+                         meta["sha256"])
+    if blob is None:
+        raise ArtifactError(
+            f"no artifact '{name}' in '{folder}': expected {name}.json and {name}.safetensors."
+        )
     if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
         raise ArtifactError(
             f"'{st_path}' does not match the hash recorded in '{json_path}' "
@@ -267,6 +330,17 @@ def load_artifact(
             "re-create the artifact."
         )
     return tensors, meta
+
+
+def _tensor_bytes(st_path: Path, pending: Path, sha256: str) -> bytes | None:
+    """The tensor file the JSON describes: ``name.safetensors``, or the pending file a save that
+    was killed after its JSON rename left (only if it holds exactly the recorded bytes)."""
+    blob = st_path.read_bytes() if st_path.is_file() else None
+    if (blob is None or hashlib.sha256(blob).hexdigest() != sha256) and pending.is_file():
+        candidate = pending.read_bytes()
+        if hashlib.sha256(candidate).hexdigest() == sha256:
+            return candidate
+    return blob
 
 
 def check_output_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
@@ -319,15 +393,70 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
+def _lock(path: Path) -> int | None:
+    """An open descriptor of folder ``path`` holding its exclusive advisory lock, or None when
+    another process holds it (or locks are unavailable). The kernel drops the lock when the
+    holder dies, so an unlocked staging folder is one whose writer was killed."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Staging (and fallback ``.old``) siblings of ``folder`` that killed runs left behind."""
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.[a-z0-9_]{{8}}\.(staging|old)")
+    with contextlib.suppress(OSError):
+        return [p for p in folder.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()
+                and not p.is_symlink()]
+    return []
+
+
+def _remove_leftovers(folder: Path) -> None:
+    for path in _leftovers(folder):
+        fd = _lock(path)
+        if fd is None:  # a live run is writing there
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _make_stage(folder: Path) -> tuple[Path, int | None]:
+    """A fresh, locked, empty sibling of ``folder`` with the mode a new folder would get."""
+    while True:
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging",
+                                      dir=folder.parent))
+        fd = _lock(stage)  # None where locks are unavailable: then no run removes it either
+        if fd is not None and os.fstat(fd).st_nlink == 0:
+            os.close(fd)  # another run's clean-up took it in the instant before we locked it
+            continue
+        os.chmod(stage, 0o777 & ~_umask())
+        return stage, fd
+
+
 @contextlib.contextmanager
 def staged_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
     """Write a whole run folder elsewhere, then put it in place in one step.
 
-    Yields an empty temporary sibling of ``path``; when the block ends without an error, the
-    sibling replaces ``path`` (an earlier run there, allowed only with ``force``, is swapped
-    out atomically and removed). An error, Ctrl-C or a kill leaves ``path`` exactly as it was:
-    readers see the whole old run or the whole new one, never a mix, and a failed run leaves no
-    folder behind.
+    Yields an empty temporary sibling ``.NAME.XXXXXXXX.staging`` of ``path``; when the block
+    ends without an error, the sibling replaces ``path`` (an earlier run there, allowed only
+    with ``force``, is swapped out atomically by Linux ``renameat2(RENAME_EXCHANGE)`` and
+    removed). An error, Ctrl-C or a kill leaves ``path`` exactly as it was: readers see the
+    whole old run or the whole new one, never a mix, and a failed run leaves no folder behind.
+    A kill leaves its staging sibling behind; it holds no lock any more, so the next successful
+    run into ``path`` removes it. Where the exchange is unavailable the old run is renamed aside
+    first: a kill between those two renames leaves ``path`` missing for a moment, with both runs
+    intact in siblings, until the next run.
     """
     folder = check_output_dir(path, force=force)
     if folder.is_dir() and any(folder.iterdir()) and not any(
@@ -335,22 +464,24 @@ def staged_folder(path: str | os.PathLike, *, force: bool = False) -> Iterator[P
         raise FileExistsError(f"output folder '{folder}' holds no koopnet run (no .json "
                               "results or artifacts); --force replaces a whole earlier run, "
                               "so pick an empty or new folder.")
+    folder = folder.resolve()  # a symlinked --out: replace the folder it points to, not the link
     folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging",
-                                  dir=folder.parent))
-    os.chmod(stage, 0o777 & ~_umask())
+    stage, lock = _make_stage(folder)
     try:
         yield stage
         if folder.is_dir() and _exchange(stage, folder):
             shutil.rmtree(stage)  # now holds the earlier run
+        elif folder.is_dir():  # no atomic exchange here: move the old run aside first
+            old = stage.with_suffix(".old")
+            os.replace(folder, old)
+            os.replace(stage, folder)
+            shutil.rmtree(old)
         else:
-            if folder.is_dir():  # no atomic exchange here: move the old run aside first
-                old = stage.with_suffix(".old")
-                os.replace(folder, old)
-                os.replace(stage, folder)
-                shutil.rmtree(old)
-            else:
-                os.replace(stage, folder)
+            os.replace(stage, folder)
+        _fsync_dir(folder.parent)
     finally:
+        if lock is not None:
+            os.close(lock)
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+    _remove_leftovers(folder)
