@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from koopnet._checks import check_int
 from koopnet.io.artifacts import check_output_dir, staged_folder
 
@@ -56,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = stage_train(args.out, dataset=args.dataset, widths=args.widths,
                        activation=args.activation, labels=args.labels, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                       data_dir=args.data_dir, force=args.force, progress=not args.quiet)
+                       data_dir=args.data_dir, n_val=args.n_val, force=args.force,
+                       progress=not args.quiet)
     metrics = json.loads(path.read_text())["config"]["metrics"]
     print(json.dumps({"out": str(path.parent), **metrics}))
     return 0
@@ -73,6 +76,12 @@ def cmd_scale(args: argparse.Namespace) -> int:
     report = json.loads(path.read_text())["config"]["report"]
     print(json.dumps({"out": str(path.parent), "scaling_ok": report["ok"],
                       "agreement": report["agreement"], "init": report["init"]}))
+    if not report["ok"]:
+        print(f"koopnet: error: scaling of layer {args.layer} failed (agreement "
+              f"{report['agreement']:.4f} with the original is below its tolerance); "
+              f"'{path.parent}' holds the attempt for inspection, but do not fit on it: retry "
+              "with another --seed, more --epochs or --init identity.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -107,24 +116,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from koopnet.io.artifacts import atomic_write_text
-    from koopnet.lab.report import render_report
+    from koopnet.lab.report import load_results, render_report
 
     run = Path(args.run_dir)
     path = run / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in '{run}'; run `koopnet reproduce` or "
                                 "`koopnet evaluate` first.")
-    results = json.loads(path.read_text())
-    if isinstance(results, dict) and results.get("stage") == "evaluate":
-        from koopnet.lab.report import render_evaluation
+    results = load_results(path)
+    try:
+        if results.get("stage") == "evaluate":
+            from koopnet.lab.report import render_evaluation
 
-        atomic_write_text(run / "report.md", render_evaluation(results))
-        print(run / "report.md")
-        return 0
-    if results.get("schema") != 1:
-        raise ValueError(f"'{path}' has schema {results.get('schema')!r}; this koopnet reads 1.")
-    figures = sorted(str(p) for p in run.glob("*.png"))
-    atomic_write_text(run / "report.md", render_report(results, figures))
+            text = render_evaluation(results)
+        else:
+            text = render_report(results, sorted(str(p) for p in run.glob("*.png")))
+    except KeyError as err:  # an entry inside a row; the top level was checked by load_results
+        raise ValueError(f"'{path}' lacks the key {err} in one of its entries; it is not a "
+                         "complete results.json (re-run the command that wrote it).") from err
+    atomic_write_text(run / "report.md", text)
     print(run / "report.md")
     return 0
 
@@ -180,6 +190,9 @@ def _add_stage_parsers(sub) -> None:
     train.add_argument("--epochs", type=int, help="default: the data set's recipe")
     train.add_argument("--lr", type=float, help="default: the data set's recipe")
     train.add_argument("--batch-size", type=int, help="default: the data set's recipe")
+    train.add_argument("--n-val", type=int, help="validation images carved from an idx:PATH or "
+                                                 "mnist training set (default: min(5000, a "
+                                                 "tenth of it))")
     _add_common(train)
     train.set_defaults(func=cmd_train)
 
@@ -203,8 +216,17 @@ def _add_stage_parsers(sub) -> None:
     scale.set_defaults(func=cmd_scale)
 
 
+class UsageError(Exception):
+    """A command line argparse refuses; main prints it as one line instead of usage + error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="koopnet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="koopnet", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -247,8 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"koopnet: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     if args.command in ("reproduce", "study"):
         import matplotlib
 
@@ -262,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError) as err:  # ArtifactError included
-        message = " ".join(str(err).split())  # always one line
-        print(f"koopnet: error: {message}", file=sys.stderr)
+        # json.JSONDecodeError is a ValueError, FileNotFoundError an OSError; KeyError is not
+        # caught: every recorded key koopnet reads is checked where it is read, so a KeyError
+        # here would be a bug in koopnet and keeps its traceback
+        print(f"koopnet: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except SafetensorError as err:  # a reader that did not name the file; say what failed
+        print(f"koopnet: error: a .safetensors file could not be read ({_one_line(err)}); "
+              "check the paths given to this command.", file=sys.stderr)
         return 2
 
 

@@ -12,10 +12,15 @@ normalised with MNIST's mean and standard deviation and flattened, as the paper 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from koopnet._checks import check_int
+
+log = logging.getLogger("koopnet")
 
 R_SMALL, R_BIG = 0.1, 0.5
 
@@ -48,7 +53,8 @@ def make_yinyang(n: int, seed: int, *, n_classes: int = 2) -> tuple[torch.Tensor
     """
     if n_classes not in (2, 3):
         raise ValueError(f"n_classes={n_classes} must be 2 (paper variant) or 3 (original).")
-    rng = np.random.RandomState(seed)
+    n = check_int(n, "n", low=1)
+    rng = np.random.RandomState(check_int(seed, "seed", low=0, high=2**32 - 1))
     points = np.empty((n, 2))
     labels = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -114,11 +120,14 @@ def normalize_images(images: np.ndarray, mean: float, std: float) -> torch.Tenso
 
 def load_idx_arrays(root: str | None, *, name: str = "mnist", download: bool = True):
     """The four uint8 arrays (train images, train labels, test images, test labels) of MNIST
-    (``name="mnist"``, fetched when missing) or of any MNIST-format folder (``name="idx"``)."""
-    from koopnet.io.idx import load_idx_dataset, load_mnist
+    (``name="mnist"``, fetched when missing, refused when the folder holds another set) or of
+    any MNIST-format folder (``name="idx"``)."""
+    from koopnet.io.idx import check_is_mnist, load_idx_dataset, load_mnist, mnist_root
 
     if name == "mnist":
-        return load_mnist(root, download=download)
+        arrays = load_mnist(root, download=download)
+        check_is_mnist(mnist_root(root))
+        return arrays
     if root is None:
         raise ValueError("an MNIST-format data set needs a folder; pass idx:PATH.")
     return load_idx_dataset(root)
@@ -148,8 +157,12 @@ def idx_splits(
     train_x, train_y, test_x, test_y = load_idx_arrays(root, name=name, download=download)
     if n_val is None:
         n_val = min(5000, len(train_x) // 10)
+        log.info("%s: validation split of %d of the %d training images (pass n_val / --n-val "
+                 "to choose)", name, n_val, len(train_x))
+    n_val = check_int(n_val, "n_val")
     if not 0 <= n_val < len(train_x):
-        raise ValueError(f"n_val={n_val} must be in [0, {len(train_x)}) for '{name}'.")
+        raise ValueError(f"n_val={n_val} must be in [0, {len(train_x)}) for '{name}' (its "
+                         f"training set has {len(train_x)} images); pass a smaller --n-val.")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
     X = normalize_images(train_x, MNIST_MEAN, MNIST_STD)
     y = torch.from_numpy(train_y.astype(np.int64))

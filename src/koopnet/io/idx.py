@@ -43,6 +43,13 @@ _MD5 = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+# MD5 of the decompressed files: a folder may hold them gzipped or not, so the content is checked.
+_RAW_MD5 = {
+    "train_images": "6bbc9ace898e44ae57da46a324031adb",
+    "train_labels": "a25bea736e30d166cdddb491f175f624",
+    "test_images": "2646ac647ad5339dbf082846283269ea",
+    "test_labels": "27ae3e4e09519cfbb04c329615203637",
+}
 _TIMEOUT_S = 20.0
 
 
@@ -164,6 +171,39 @@ def load_idx_dataset(
     return train_images, train_labels, test_images, test_labels
 
 
+def mnist_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """MNIST's data folder: ``data_dir``, else ``$KOOPNET_DATA``, else ``~/.cache/koopnet``."""
+    if data_dir is None:
+        data_dir = os.environ.get("KOOPNET_DATA") or Path.home() / ".cache" / "koopnet"
+    return Path(data_dir).expanduser()
+
+
+def check_is_mnist(root: str | os.PathLike) -> None:
+    """Refuse an MNIST-format folder that is not MNIST itself (KMNIST, Fashion-MNIST, a subset).
+
+    Results are labelled with the data set's name, so a run called "mnist" must have used
+    MNIST: each file's decompressed content is compared with MNIST's known MD5.
+    """
+    files = find_idx_files(root)
+    for key, path in files.items():
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as err:
+                raise ValueError(
+                    f"'{path}' is a corrupt or truncated gzip file ({err}); fetch a fresh copy."
+                ) from err
+        digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        if digest != _RAW_MD5[key]:
+            folder = path.parent
+            raise ValueError(
+                f"'{path}' is not MNIST's {_STEMS[key]} (MD5 {digest}, MNIST's is "
+                f"{_RAW_MD5[key]}): '{folder}' holds another MNIST-format set. To use it, pass "
+                f"idx:{folder} instead of mnist."
+            )
+
+
 def load_mnist(
     data_dir: str | os.PathLike | None = None, *, download: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -175,9 +215,7 @@ def load_mnist(
 
     Shape: as :func:`load_idx_dataset`; for MNIST n_train=60000, n_test=10000, rows=cols=28.
     """
-    if data_dir is None:
-        data_dir = os.environ.get("KOOPNET_DATA") or Path.home() / ".cache" / "koopnet"
-    root = Path(data_dir).expanduser()
+    root = mnist_root(data_dir)
     try:
         find_idx_files(root)
     except FileNotFoundError as missing:

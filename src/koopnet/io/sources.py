@@ -23,14 +23,16 @@ NAMED = ("yinyang", "yinyang3", "mnist")
 
 
 @functools.lru_cache(maxsize=4)
-def _named_splits(source: str, data_dir: str | None, seed: int) -> dict[str, Split]:
+def _named_splits(source: str, data_dir: str | None, seed: int,
+                  n_val: int | None = None) -> dict[str, Split]:
     from koopnet.io.datasets import idx_splits, yinyang_splits
 
     if source in ("yinyang", "yinyang3"):
         splits = yinyang_splits(source)
     else:
         root = source[4:] if source.startswith("idx:") else data_dir
-        splits = idx_splits(root, name="mnist" if source == "mnist" else "idx", seed=seed)
+        splits = idx_splits(root, name="mnist" if source == "mnist" else "idx", seed=seed,
+                            n_val=n_val)
     return {"train": splits.train, "val": splits.val, "test": splits.test}
 
 
@@ -38,6 +40,11 @@ def _read_array(path: Path, what: str) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file '{path}' does not exist.")
     if path.suffix == ".npy":
+        with open(path, "rb") as file:
+            magic = file.read(6)
+        if magic != b"\x93NUMPY":
+            raise ArtifactError(f"'{path}' is not a valid .npy file (it does not start with the "
+                                "NumPy magic bytes); save it with np.save.")
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as err:
@@ -54,25 +61,32 @@ def _read_array(path: Path, what: str) -> torch.Tensor:
 
 
 def load_data(source: str, *, labels: str | None = None, data_dir: str | None = None,
-              seed: int = 0) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict]:
+              seed: int = 0, n_val: int | None = None,
+              ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], dict]:
     """Resolve a data source of the command line into splits, plus a record for provenance.
 
     ``source``: ``yinyang``, ``yinyang3``, ``mnist``, ``idx:PATH`` (splits train/val/test), a
     ``.npy`` array of inputs or a ``.safetensors`` file with tensors ``X`` (and ``y``) (one
-    split ``data``). ``labels``: a ``.npy`` file of class indices for a file source. The record
-    holds the file hashes, which later stages check.
+    split ``data``). ``labels``: a ``.npy`` file of class indices for a file source. ``n_val``:
+    the validation split of an IDX source (default min(5000, a tenth of its training set)). The
+    record holds the file hashes, which later stages check, and the validation size.
     """
     if not isinstance(source, str) or not source:
         raise ValueError("a data source is needed: yinyang, yinyang3, mnist, idx:PATH, a .npy "
                          "file or a .safetensors file with tensors 'X' (and 'y').")
     record = {"source": source, "labels": labels, "data_dir": data_dir, "seed": seed,
               "sha256": {}}
-    if source in NAMED or source.startswith("idx:"):
+    is_idx = source == "mnist" or source.startswith("idx:")
+    if n_val is not None and not is_idx:
+        raise ValueError(f"--n-val is for idx:PATH and mnist; '{source}' has fixed splits.")
+    if source in NAMED or is_idx:
         if labels is not None:
             raise ValueError(f"--labels is for file data; '{source}' brings its own labels.")
-        seed = seed if source == "mnist" or source.startswith("idx:") else 0  # yinyang: fixed
+        seed = seed if is_idx else 0  # yinyang: fixed
         record["seed"] = seed
-        splits = _named_splits(source, data_dir, seed)
+        splits = _named_splits(source, data_dir, seed, n_val)
+        if is_idx:
+            record["n_val"] = len(splits["val"])
         return {k: (v.X, v.y) for k, v in splits.items()}, record
     path = Path(source)
     if path.suffix == ".safetensors":
@@ -107,7 +121,8 @@ def reload_data(meta: dict, where: Path, stage: str, fix: str) -> tuple[dict, di
     if not isinstance(record, dict):
         raise ArtifactError(f"'{where}' records no data set; {fix}.")
     splits, fresh = load_data(record["source"], labels=record.get("labels"),
-                              data_dir=record.get("data_dir"), seed=record.get("seed", 0))
+                              data_dir=record.get("data_dir"), seed=record.get("seed", 0),
+                              n_val=record.get("n_val"))
     for key, digest in record.get("sha256", {}).items():
         if fresh["sha256"].get(key) != digest:
             path = record["source"] if key == "data" else record.get("labels")

@@ -22,11 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from koopnet._checks import check_delays, check_int
 from koopnet.distributed import all_reduce_statistics, init_from_env, shard_indices
 from koopnet.dmd import DMD, PairStatistics
+from koopnet.io.artifacts import ArtifactError
 from koopnet.spec import FitSpec
 from koopnet.streaming import TrajectoryMoments, series_statistics
 
@@ -40,7 +41,11 @@ class TrajectoryFile:
         self.path, self.tensor = Path(path), tensor
         if not self.path.is_file():
             raise FileNotFoundError(f"trajectory file '{self.path}' does not exist.")
-        self._handle = safe_open(str(self.path), framework="pt")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+        except SafetensorError as err:
+            raise ArtifactError(f"'{self.path}' is not a valid safetensors file ({err}); write "
+                                "the trajectories with safetensors.torch.save_file.") from err
         if tensor not in self._handle.keys():
             raise ValueError(f"'{self.path}' has no tensor '{tensor}'; it holds "
                            f"{sorted(self._handle.keys())}.")

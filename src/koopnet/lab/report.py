@@ -6,8 +6,46 @@ RUN_DIR`` can rebuild it at any time without re-running anything.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
+
+SCHEMA = 1
+# Top-level entries each kind of results.json needs, and their JSON types.
+_RUN_KEYS = {"dataset": str, "protocol": str, "seed": int, "original": dict, "scaled": list,
+             "sweep": list}
+_EVALUATE_KEYS = {"layer": int, "n_delays": int, "linear_steps": int, "data": dict,
+                  "metrics": dict}
+_TYPE_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
+def load_results(path) -> dict:
+    """Read a run's ``results.json``, refusing a malformed one with a message that names the
+    file and what is wrong (invalid JSON, another schema, a missing or mistyped entry)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"'{path}' is not a UTF-8 text file ({err}); re-run the command "
+                         "that wrote it.") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}); re-run the command that wrote it.") from err
+    if not isinstance(results, dict):
+        raise ValueError(f"'{path}' holds a {type(results).__name__}, not the object koopnet "
+                         "writes; re-run the command that wrote it.")
+    if results.get("schema", SCHEMA) != SCHEMA:
+        raise ValueError(f"'{path}' has schema {results.get('schema')!r}; this koopnet reads "
+                         f"{SCHEMA}.")
+    needed = _EVALUATE_KEYS if results.get("stage") == "evaluate" else _RUN_KEYS
+    for key, kind in needed.items():
+        if key not in results:
+            raise ValueError(f"'{path}' lacks the key '{key}'; it is not a complete results.json "
+                             "of koopnet reproduce, study or evaluate (re-run it).")
+        if not isinstance(results[key], kind) or isinstance(results[key], bool):
+            raise ValueError(f"'{path}': '{key}' must be {_TYPE_NAMES[kind]}; got "
+                             f"{type(results[key]).__name__}.")
+    return results
 
 
 def _pct(value) -> str:
