@@ -1,7 +1,9 @@
 """The staged command line: ``koopnet train``, ``scale``, ``fit`` and ``evaluate``.
 
 Each stage reads the previous stage's folder, checks the hashes it recorded, and writes its own
-folder, so a user can enter at any stage with their own model.
+folder, so a user can enter at any stage with their own model. A stage computes first and then
+writes its whole folder through :func:`koopnet.io.artifacts.staged_folder`: an interrupted or
+killed stage leaves the earlier folder (``--force``) whole, never a mix of two runs.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from koopnet.io.artifacts import (
     ArtifactError,
     check_output_dir,
     file_sha256,
-    prepare_output_dir,
     save_artifact,
+    staged_folder,
     write_json,
 )
 from koopnet.io.serialize import (
@@ -51,6 +53,26 @@ def _stage_folder(path, name: str, stage: str, previous: str) -> Path:
         raise FileNotFoundError(f"'{folder}' holds no {name}.json: it is not the output of "
                                 f"`koopnet {previous}` (or that run was interrupted; re-run it).")
     return folder
+
+
+def _check_inputs_outside(out, *inputs) -> None:
+    """Refuse an ``out`` that holds one of the stage's inputs: the finished stage replaces the
+    whole folder, which would delete them."""
+    folder = Path(out)
+    if not folder.is_dir():
+        return
+    root = folder.resolve()
+    for item in inputs:
+        if not item:
+            continue
+        path = Path(str(item).removeprefix("idx:"))
+        if path.exists() and (path.resolve() == root or root in path.resolve().parents):
+            raise ValueError(f"--out '{folder}' holds this stage's input '{item}', and a stage "
+                             "replaces its whole output folder; pick another --out.")
+
+
+def _data_inputs(record: dict) -> list:
+    return [record.get("source"), record.get("labels"), record.get("data_dir")]
 
 
 def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", labels=None,
@@ -88,7 +110,7 @@ def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", lab
     check_int(recipe.batch_size, "batch_size", low=1)
     if not math.isfinite(recipe.lr) or recipe.lr <= 0:
         raise ValueError(f"lr={recipe.lr} must be a finite number > 0 (e.g. --lr 1e-3).")
-    folder = prepare_output_dir(out, force=force)
+    _check_inputs_outside(out, dataset, labels, data_dir)
     clock = time.perf_counter()
     torch.manual_seed(seed)  # build_mlp draws the initial weights from the global generator
     model = build_mlp(widths, activation)
@@ -101,7 +123,10 @@ def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", lab
                 "activation": activation, "train": dataclasses.asdict(recipe),
                 "final_loss": history[-1], "metrics": metrics,
                 "seconds": round(time.perf_counter() - clock, 3)}
-    return save_model(model, folder, "model", metadata=metadata, parents=dict(record["sha256"]))
+    with staged_folder(out, force=force) as stage:
+        path = save_model(model, stage, "model", metadata=metadata,
+                          parents=dict(record["sha256"]))
+    return Path(out) / path.name
 
 
 def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=None,
@@ -144,7 +169,7 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
     recipe = DEFAULT_SCALING if epochs is None else dataclasses.replace(
         DEFAULT_SCALING, epochs=check_int(epochs, "epochs", low=1))
-    out = prepare_output_dir(out, force=force)
+    _check_inputs_outside(out, run, model, config, data, labels, data_dir, *_data_inputs(record))
     clock = time.perf_counter()
     scaled, report = scale_layer(network, layer, X, y, n_inserted=n_inserted, init=init,
                                  config=recipe, seed=seed, progress=progress)
@@ -153,7 +178,9 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
                 "report": {"ok": report.ok, "agreement": report.agreement, "init": report.init,
                            "attempts": report.attempts},
                 "sources": sources, "seconds": round(time.perf_counter() - clock, 3)}
-    return save_scaled(scaled, out, "scaled", metadata=metadata, parents=parents)
+    with staged_folder(out, force=force) as stage:
+        path = save_scaled(scaled, stage, "scaled", metadata=metadata, parents=parents)
+    return Path(out) / path.name
 
 
 def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
@@ -167,6 +194,7 @@ def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
     scaled, meta = load_with_meta(folder, "scaled")
     splits, record = reload_data(meta, folder / "scaled.json", "scale", "re-run koopnet scale")
     X, _ = fit_split(splits)
+    _check_inputs_outside(out, folder, *_data_inputs(record))
     clock = time.perf_counter()
     hybrid = fit_hybrid(scaled, X, spec=spec)
     dmd = hybrid.dmd_
@@ -175,10 +203,11 @@ def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
                 "sources": {"scaled": str(folder.resolve())},
                 "seconds": round(time.perf_counter() - clock, 3)}
     parents = {"scaled": meta["sha256"]}
-    out = prepare_output_dir(out, force=force)
-    save_artifact(out, "dmd", dmd_tensors(dmd), {**settings, "rank_": dmd.rank_}, kind="dmd",
-                  parents=parents)
-    return save_hybrid(hybrid, out, "hybrid", metadata=settings, parents=parents)
+    with staged_folder(out, force=force) as stage:
+        save_artifact(stage, "dmd", dmd_tensors(dmd), {**settings, "rank_": dmd.rank_},
+                      kind="dmd", parents=parents)
+        path = save_hybrid(hybrid, stage, "hybrid", metadata=settings, parents=parents)
+    return Path(out) / path.name
 
 
 def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None = None,
@@ -188,6 +217,7 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
     Named data sets are scored on their validation and test splits; file data on the file
     (accuracy with labels, else agreement with the original network's predictions).
     """
+    check_output_dir(out, force=force)  # a bad --out fails before anything is loaded
     folder = _stage_folder(fit_dir, "hybrid", "evaluate", "fit")
     clock = time.perf_counter()
     hybrid, hmeta = load_with_meta(folder, "hybrid")
@@ -208,7 +238,7 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
     models = {"original": scaled.original(), "scaled": scaled, "hybrid": hybrid}
     for X, _ in splits.values():
         check_model(models["original"], X, hybrid.layer)
-    out = prepare_output_dir(out, force=force)
+    _check_inputs_outside(out, folder, scale_dir, data, labels, data_dir, *_data_inputs(record))
     metrics = {}
     for split, (X, y) in splits.items():
         predictions = {k: predict_logits(m, X).argmax(1) for k, m in models.items()}
@@ -229,6 +259,7 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
         "timings_s": {"evaluate": round(time.perf_counter() - clock, 3)},
         "environment": environment(),
     }
-    write_json(out / "results.json", results)
-    return out / "results.json"
+    with staged_folder(out, force=force) as stage:
+        write_json(stage / "results.json", results)
+    return Path(out) / "results.json"
 
