@@ -42,7 +42,10 @@ def test_original_three_class_variant():
 def test_splits_use_independent_seeds():
     splits = yinyang_splits(n_train=100, n_val=50, n_test=50)
     assert splits.n_features == 2 and splits.n_classes == 2
-    assert not torch.equal(splits.val.X, splits.test.X)
+    rows = [{tuple(x) for x in split.X.tolist()} for split in (splits.train, splits.val,
+                                                              splits.test)]
+    assert [len(r) for r in rows] == [100, 50, 50]  # no duplicates inside a split
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])  # none shared
     with pytest.raises(ValueError, match="unknown Yin-Yang variant 'yy'"):
         yinyang_splits("yy")
 

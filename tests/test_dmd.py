@@ -29,7 +29,8 @@ def test_gram_route_equals_svd_route(linear_system):
 
 
 def test_matches_pydmd_on_same_data(linear_system):
-    pydmd = pytest.importorskip("pydmd")
+    import pydmd  # a dev dependency: a missing one fails loudly instead of skipping
+
     _, _, states = linear_system
     series = states[0] + 0.01 * torch.randn_like(states[0])  # one noisy trajectory [T, W]
     ours = DMD(rank=3).fit(series[None])
@@ -69,7 +70,29 @@ def test_rank_options():
     assert DMD(rank=0.95).fit_pairs(X, Y).rank_ == 2
     assert DMD(rank=0.999).fit_pairs(X, Y).rank_ == 3
     assert DMD(rank=None).fit_pairs(X, Y).rank_ == 6
-    assert 1 <= DMD(rank=0).fit_pairs(X, Y).rank_ <= 6
+
+
+GD_SPECTRUM = [10.0, 5.0, 3.0, 2.7, 2.0] + [1.0] * 15  # median 1, three values above omega(1)
+
+
+def _gd_rank(c3=0.56, c2=0.95, c1=1.82, c0=1.43, beta=1.0) -> int:
+    omega = c3 * beta**3 - c2 * beta**2 + c1 * beta + c0  # 2.86 at beta = 1
+    return sum(v > omega * 1.0 for v in GD_SPECTRUM)
+
+
+def test_gavish_donoho_rank_on_a_known_spectrum():
+    # A square 20 x 20 snapshot matrix with exactly these singular values: beta = 1, the
+    # threshold is omega(1) * median = 2.86, so 10, 5 and 3 are kept and 2.7, 2, 1 are not.
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(20, 20, dtype=torch.float64, generator=gen))
+    X = U @ torch.diag(torch.tensor(GD_SPECTRUM, dtype=torch.float64)) @ V.T
+    assert DMD(rank=0).fit_pairs(X, X.roll(1, dims=0)).rank_ == 3 == _gd_rank()
+    stats = PairStatistics.from_pairs(X, X.roll(1, dims=0))
+    assert DMD(rank=0).fit_statistics(stats).rank_ == 3  # the Gram route resolves the same
+    # halving any one constant of omega(beta) would move the rank: the example can tell
+    halved = [_gd_rank(c3=0.28), _gd_rank(c2=0.475), _gd_rank(c1=0.91), _gd_rank(c0=0.715)]
+    assert halved == [4, 2, 5, 4]
 
 
 @pytest.mark.parametrize(("rank", "error", "match"), [

@@ -122,7 +122,9 @@ def test_quick_reproduction_on_real_mnist(mnist_dir):
     assert original > 0.9, original  # 160 AdamW steps on 5k images
     assert scaled > original - 0.05, (scaled, original)
     assert selected["test_accuracy"] > 0.8, selected  # the hybrid is far from chance (0.1)
-    assert len(results["sweep"]) >= 3
+    # layer 3, h in {1, 5, 10}, rank in {None, 0.9999}, no Tikhonov, constant on: 6 rows
+    assert [(r["layer"], r["n_delays"], r["rank"]) for r in results["sweep"]] == [
+        (3, h, rank) for h in (1, 5, 10) for rank in (None, 0.9999)]
 
 
 def test_exact_rollout_is_the_least_squares_step_operator():

@@ -90,8 +90,8 @@ def test_dictionaries_shape_and_batched_equals_loop(h, constant):
         torch.testing.assert_close(alone, lifted, rtol=0, atol=1e-12)
         # the delay vector comes first, so readout() selects the newest state exactly
         torch.testing.assert_close(lifted @ observable.readout().T, states[:, h:])
-        if constant:
-            assert torch.all(lifted[..., -1] == 1)
+        # the constant observable is the last feature, and only there is it all ones
+        assert bool(torch.all(lifted[..., -1] == 1)) == constant
 
 
 def test_polynomial_monomials_and_cap():
