@@ -115,6 +115,20 @@ def test_tikhonov_damps_the_operator():
     assert damped < plain / 100
 
 
+def test_tikhonov_full_rank_is_ridge_regression():
+    # lambda = tikhonov * S_max^2: one step of the projected full-rank map is the ridge solution
+    # (X^T X + lambda I)^-1 X^T Y, so the damping's sign and scale are pinned
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, dtype=torch.float64, generator=gen) * torch.tensor(
+        [3.0, 1.0, 0.3, 0.1, 0.03], dtype=torch.float64)
+    Y = torch.randn(60, 5, dtype=torch.float64, generator=gen)
+    lam = 1e-2 * torch.linalg.svdvals(X)[0] ** 2
+    ridge = torch.linalg.solve(X.T @ X + lam * torch.eye(5, dtype=torch.float64), X.T @ Y)
+    for fit in (DMD(tikhonov=1e-2).fit_pairs(X, Y),
+                DMD(tikhonov=1e-2).fit_statistics(PairStatistics.from_pairs(X, Y))):
+        assert torch.allclose(fit.predict(X), X @ ridge, atol=1e-10)
+
+
 def test_not_fitted_and_bad_inputs():
     with pytest.raises(NotFittedError, match="DMD instance is not fitted yet"):
         DMD().predict(torch.zeros(1, 3))

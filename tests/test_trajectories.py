@@ -21,7 +21,7 @@ def test_states_follow_the_network_and_padding_is_documented(tiny_mlp):
         assert torch.allclose(states[:, 0], scaled.head(X))
         assert torch.allclose(states[:, 1], scaled.inserts[0](scaled.head(X)))
         assert torch.allclose(states[:, -1, :6], scaled.replaced(scaled.inserts(scaled.head(X))))
-    assert torch.all(states[:, -1, 6:] == PAD_VALUE)
+    assert torch.all(states[:, -1, 6:] == -1.0) and PAD_VALUE == -1.0  # the paper's padding
     assert trajectories.concatenated().shape == (1, 600 * 12, 8)
     assert not any(stage._forward_hooks for stage in scaled.stages)  # hooks removed
 
