@@ -498,3 +498,19 @@ def test_staged_folder_refuses_a_folder_of_other_files(tmp_path):
         with staged_folder(tmp_path, force=True):
             pass
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_edited_model_json_given_as_config_is_refused(tmp_path):
+    """``--model model.safetensors --config model.json`` reads the JSON itself: same check."""
+    from koopnet.io.serialize import load_model_files, save_model
+    from koopnet.models import build_mlp
+
+    save_model(build_mlp([2, 4, 2], "tanh"), tmp_path, "model")
+    weights, config = tmp_path / "model.safetensors", tmp_path / "model.json"
+    assert load_model_files(weights, config)[0] is not None
+    meta = json.loads(config.read_text())
+    entry = _find_activation(meta["config"]["architecture"])
+    entry["name"] = "relu"
+    config.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"model.json' was edited after it was written"):
+        load_model_files(weights, config)

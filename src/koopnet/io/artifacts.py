@@ -302,10 +302,7 @@ def load_artifact(
             f"'{json_path}' has format_version {version}; this koopnet reads versions "
             f"<= {FORMAT_VERSION}. Upgrade koopnet or re-create the artifact."
         )
-    if (version >= 2 or "metadata_sha256" in meta) and (
-            meta.get("metadata_sha256") != _metadata_sha256(meta)):
-        raise ArtifactError(f"'{json_path}' was edited after it was written (metadata hash "
-                            "mismatch); re-create it.")
+    check_metadata(meta, json_path)
     if kind is not None and meta["kind"] != kind:
         raise ArtifactError(f"'{json_path}' holds a '{meta['kind']}' artifact, expected '{kind}'.")
     blob = _tensor_bytes(st_path, _pending_path(folder, name, str(meta["sha256"])),
@@ -330,6 +327,17 @@ def load_artifact(
             "re-create the artifact."
         )
     return tensors, meta
+
+
+def check_metadata(meta: dict, json_path: str | os.PathLike) -> None:
+    """Refuse an artifact JSON whose fields no longer hash to its ``metadata_sha256`` (required
+    from format version 2; version 1 files predate it). For readers that parse a JSON
+    themselves, such as a user's ``--config model.json``."""
+    version = meta.get("format_version")
+    if ((isinstance(version, int) and version >= 2) or "metadata_sha256" in meta) and (
+            meta.get("metadata_sha256") != _metadata_sha256(meta)):
+        raise ArtifactError(f"'{json_path}' was edited after it was written (metadata hash "
+                            "mismatch); re-create it.")
 
 
 def _tensor_bytes(st_path: Path, pending: Path, sha256: str) -> bytes | None:

@@ -23,6 +23,7 @@ from koopnet._checks import check_int
 from koopnet.hybrid import KoopmanHybrid
 from koopnet.io.artifacts import (
     ArtifactError,
+    check_metadata,
     file_sha256,
     load_artifact,
     save_artifact,
@@ -237,6 +238,7 @@ def load_model_files(weights, config) -> tuple[nn.Sequential, dict]:
         if spec.get("kind") != "model":
             raise ArtifactError(f"'{config}' holds a '{spec.get('kind')}' artifact, expected "
                                 "'model'.")
+        check_metadata(spec, config)
         if file_sha256(weights) != spec["sha256"]:
             raise ArtifactError(f"'{weights}' does not match the hash recorded in '{config}' "
                                 "(file changed or truncated); re-create it.")
