@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from koopnet.io import artifacts
+from koopnet.io import artifacts, folders
 from koopnet.io.artifacts import (
     FORMAT_VERSION,
     ArtifactError,
@@ -461,7 +461,7 @@ def test_stale_staging_folders_are_harmless_and_cleaned(tmp_path):
     other.mkdir()
     live = tmp_path / ".run.live0000.staging"
     live.mkdir()
-    lock = artifacts._lock(live)
+    lock = folders._lock(live)
     assert lock is not None
     try:
         _run(out, 2)
@@ -476,7 +476,7 @@ def test_stale_staging_folders_are_harmless_and_cleaned(tmp_path):
 def test_staged_folder_without_exchange_falls_back(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _run(out, 1)
-    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
     _run(out, 2)
     assert json.loads((out / "results.json").read_text()) == {"seed": 2}
     assert _siblings(out) == []
