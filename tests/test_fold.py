@@ -146,6 +146,10 @@ def test_torch_export_gives_the_same_logits(widening):
     folded = _hybrid(scaled, states, 3, constant=True).fold()
     exported = torch.export.export(folded, (X,))
     assert torch.equal(exported.module()(X), folded(X))
+    batch = torch.export.Dim("batch")  # any batch size, not only the traced one
+    dynamic = torch.export.export(folded, (X,), dynamic_shapes=({0: batch},)).module()
+    probe = torch.randn(17, 3)
+    assert torch.equal(dynamic(probe), folded(probe))
 
 
 def test_onnx_export(widening, tmp_path):
