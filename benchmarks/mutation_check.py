@@ -145,7 +145,7 @@ def run_mutant(mutant, worktree: bool) -> dict:
                               capture_output=True, text=True)
         seconds = time.perf_counter() - clock
         lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-        failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+        failed = [ln for ln in lines if ln.startswith(("FAILED tests", "ERROR tests"))]
         return {"name": name, "claim": claim, "file": rel, "tests": files,
                 "status": "CAUGHT" if proc.returncode != 0 else "SURVIVED",
                 "pytest_exit": proc.returncode, "seconds": round(seconds, 1),
@@ -159,32 +159,42 @@ def main(argv=None) -> int:
                         help="copy the working tree instead of the committed HEAD")
     parser.add_argument("--out", default=str(RESULTS / "mutation_check"),
                         help="output path without extension")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only the rerun mutants' rows in an existing report")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m[0] in args.only]
-    rows = []
-    for mutant in chosen:
-        row = run_mutant(mutant, args.worktree)
-        print(f"{row['status']:>11}  {row['name']}  ({row.get('seconds', 0)} s)", flush=True)
-        rows.append(row)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
+    out = Path(args.out)
+    previous = {}
+    if args.merge and out.with_suffix(".json").is_file():
+        previous = {r["name"]: r for r in json.loads(out.with_suffix(".json").read_text())[
+            "mutants"]}
+    fresh = {}
+    for mutant in chosen:
+        row = {**run_mutant(mutant, args.worktree), "commit": commit}
+        print(f"{row['status']:>11}  {row['name']}  ({row.get('seconds', 0)} s)", flush=True)
+        fresh[row["name"]] = row
+    rows = [fresh.get(m[0]) or previous[m[0]] for m in MUTANTS
+            if m[0] in fresh or m[0] in previous]
+    commit = ", ".join(sorted({r.get("commit", commit) for r in rows}))
     caught = sum(r["status"] == "CAUGHT" for r in rows)
     report = {"commit": commit, "tree": "worktree" if args.worktree else "HEAD",
               "command": "pytest -x -q -p no:cacheprovider <tests> (OMP_NUM_THREADS=1)",
               "caught": caught, "total": len(rows), "mutants": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Mutation check ({report['tree']} at {commit})", "",
           f"{caught} of {len(rows)} deliberate bugs caught. Each mutant is one text replacement "
           "in a copy of `src/`; the listed test files run with `pytest -x -q` against it. "
           "Rerun: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mutation_check.py`.", "",
-          "| # | mutant | claim guarded | file | tests run | result | s |",
-          "|---|---|---|---|---|---|---|"]
+          "| # | mutant | claim guarded | file | tests run | result | first failing test | s |",
+          "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
+        first = r.get("detail", "").split(" - ")[0].removeprefix("FAILED ").split("::")[-1]
         md.append(f"| {i} | {r['name']} | {r['claim']} | `{r['file']}` | "
                   f"{', '.join(Path(t).name for t in r['tests'])} | {r['status']} | "
-                  f"{r.get('seconds', '')} |")
+                  f"`{first}` | {r.get('seconds', '')} |")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return 0 if caught == len(rows) else 1
 
