@@ -270,9 +270,6 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> tuple[
     # record the widths actually trained: an idx:PATH set brings its own input and class counts
     config = dataclasses.replace(
         config, widths=(data.n_features, *config.widths[1:-1], data.n_classes))
-    # record the widths actually trained: an idx:PATH set brings its own input and class counts
-    config = dataclasses.replace(
-        config, widths=(data.n_features, *config.widths[1:-1], data.n_classes))
 
     clock = time.perf_counter()
     model = train_base(config, data, progress)
