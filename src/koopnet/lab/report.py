@@ -142,33 +142,54 @@ def render_report(results: dict, figures: list[str] | None = None) -> str:
     else:
         lines += ["Protocol **clean**: models and DMD fitted on the training split, every "
                   "hyper-parameter selected on the validation split, test reported.", ""]
+    lines += _networks_section(results) + _selected_section(results) + _delays_section(results)
+    lines += paper_grid_section(results)
+    lines += paper_yinyang_section(results)
+    lines += render_study(results)
+    embedded = {Path(f).name for f in results.get("study", {}).get("figures", [])}
+    for figure in figures or []:
+        if Path(figure).name not in embedded:
+            lines += [f"![{Path(figure).stem}]({Path(figure).name})", ""]
+    timings = results.get("timings_s", {})
+    if timings:
+        lines += ["## Timings (s)", "", *_table(list(timings), [list(timings.values())])]
+    env = results.get("environment", {})
+    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    return "\n".join(lines)
+
+
+def _networks_section(results: dict) -> list[str]:
     original = results["original"]
-    lines += ["## Networks", ""]
-    header = ["model", "val %", "test %"]
     rows = [["original", _pct(original["val_accuracy"]), _pct(original["test_accuracy"])]]
     for s in results["scaled"]:
         status = "" if s["scaling_ok"] else " **(scaling failed)**"
         rows.append([f"scaled, layer {s['layer']} ({s['width']}→{s['out_width']}, "
                      f"{s['init']} init){status}", _pct(s["val_accuracy"]),
                      _pct(s["test_accuracy"])])
-    lines += _table(header, rows)
+    return ["## Networks", "", *_table(["model", "val %", "test %"], rows)]
 
+
+def _selected_section(results: dict) -> list[str]:
     selected = results.get("selected")
-    if selected:
-        lines += ["## Selected Koopman hybrid", "",
-                  f"Layer {selected['layer']}, {_setting(selected)}: "
-                  f"{selected['linear_steps']} linear steps, {selected['nonlinear_blocks']} "
-                  f"inserted nonlinear blocks still run. Validation "
-                  f"{_pct(selected['val_accuracy'])}%, **test {_pct(selected['test_accuracy'])}%**"
-                  + (f", held-out {_pct(selected['held_out_accuracy'])}%"
-                     if "held_out_accuracy" in selected else "") + ".", ""]
-        header = ["layer", "setting", "linear steps", "val %", "test %"]
-        rows = [[r["layer"], _setting(r), r["linear_steps"], _pct(r["val_accuracy"]),
-                 _pct(r["test_accuracy"])] for r in results.get("selected_per_layer", [])]
-        lines += ["Best row per layer (chosen on validation):", "", *_table(header, rows)]
+    if not selected:
+        return []
+    held = (f", held-out {_pct(selected['held_out_accuracy'])}%"
+            if "held_out_accuracy" in selected else "")
+    lines = ["## Selected Koopman hybrid", "",
+             f"Layer {selected['layer']}, {_setting(selected)}: "
+             f"{selected['linear_steps']} linear steps, {selected['nonlinear_blocks']} "
+             f"inserted nonlinear blocks still run. Validation "
+             f"{_pct(selected['val_accuracy'])}%, **test {_pct(selected['test_accuracy'])}%**"
+             f"{held}.", ""]
+    header = ["layer", "setting", "linear steps", "val %", "test %"]
+    rows = [[r["layer"], _setting(r), r["linear_steps"], _pct(r["val_accuracy"]),
+             _pct(r["test_accuracy"])] for r in results.get("selected_per_layer", [])]
+    return [*lines, "Best row per layer (chosen on validation):", "", *_table(header, rows)]
 
-    lines += ["## Hybrid accuracy by number of delays", "",
-              "Best validation row for each (layer, h, trajectories); test of that row.", ""]
+
+def _delays_section(results: dict) -> list[str]:
+    lines = ["## Hybrid accuracy by number of delays", "",
+             "Best validation row for each (layer, h, trajectories); test of that row.", ""]
     best: dict[tuple, dict] = {}
     for row in results["sweep"]:
         key = (row["layer"], row["trajectories"], row["n_delays"])
@@ -184,20 +205,7 @@ def render_report(results: dict, figures: list[str] | None = None) -> str:
         rows = [[layer, m, *[_pct(cells[h][metric]) if h in cells else "–" for h in delays]]
                 for (layer, m), cells in sorted(groups.items())]
         lines += [f"**{metric.replace('_', ' ')} (%)**", "", *_table(header, rows)]
-
-    lines += paper_grid_section(results)
-    lines += paper_yinyang_section(results)
-    lines += render_study(results)
-    embedded = {Path(f).name for f in results.get("study", {}).get("figures", [])}
-    for figure in figures or []:
-        if Path(figure).name not in embedded:
-            lines += [f"![{Path(figure).stem}]({Path(figure).name})", ""]
-    timings = results.get("timings_s", {})
-    if timings:
-        lines += ["## Timings (s)", "", *_table(list(timings), [list(timings.values())])]
-    env = results.get("environment", {})
-    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    return "\n".join(lines)
+    return lines
 
 
 # --- study sections (koopnet study): rendered only when results.json has the study keys ---
