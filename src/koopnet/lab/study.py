@@ -292,65 +292,80 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
                                     eig_delays=(1, 10), hankel_stacks=(1, 10), grid_points=60,
                                     rff_features=50, poly_max_features=50)
     first = None
-    comparison, baselines, ablations, runs = [], [], [], []
+    rows = {"comparison": [], "baselines": [], "ablations": [], "runs": []}
     timings: dict[str, float] = {}
     for seed in tqdm(study.seeds, desc="seeds", disable=not progress):
         clock = time.perf_counter()
-        config = default_config(dataset, seed=seed, quick=quick)
-        if quick:  # smoke test: the first layer only
-            config = dataclasses.replace(config, layers=config.layers[:1])
-        results, figures = run_experiment(config, progress=False)
-        data = load_protocol_data(config)
-        runs.append({"seed": seed, "original": results["original"], "scaled": results["scaled"],
-                     "selected": results["selected"]})
-        baselines.append({**softmax_floor(data.base, data.val, data.test), "seed": seed})
-        baselines.append({"layer": None, "method": "original network", "parameters": None,
-                          "seed": seed, **results["original"]})
-        fits_by_layer = {}
-        for layer, info in figures["layers"].items():
-            scaled = info["scaled"]
-            scaled_row = next(r for r in results["scaled"] if r["layer"] == layer)
-            baselines.append({"layer": layer, "method": "scaled network", "parameters": None,
-                              "seed": seed, "val_accuracy": scaled_row["val_accuracy"],
-                              "test_accuracy": scaled_row["test_accuracy"]})
-            train_states = collect_trajectories(scaled, data.trajectories.X).states
-            states = {k: collect_trajectories(scaled, s.X).states
-                      for k, s in (("val", data.val), ("test", data.test))}
-            labels = {"val": data.val.y, "test": data.test.y}
-            rows, fits = compare_layer(scaled, train_states, states, labels, config.delays,
-                                       study, seed, config.exact_rollout)
-            comparison += rows
-            fits_by_layer[layer] = (rows, fits)
-            delay_best = select([r for r in rows if r["observable"] == "delay"])
-            baselines += layer_baselines(scaled, data, delay_best["replacement_parameters"],
-                                         seed)
-            layer_rows = [r for r in results["sweep"] if r["layer"] == layer]
-            ablations += layer_ablations(config, study, figures["model"], scaled,
-                                         scaled_row["init"], data, layer_rows, seed)
+        seed_rows, kept = _study_seed(dataset, seed, study, quick)
+        for key, value in seed_rows.items():
+            rows[key] += value
         timings[f"seed{seed}"] = round(time.perf_counter() - clock, 1)
-        if first is None:
-            first = (results, figures, fits_by_layer, data)
+        first = first or kept
         log.info("seed %d done in %.0fs", seed, timings[f"seed{seed}"])
     results, figures, fits_by_layer, data = first
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, info in figures["layers"].items():
-        rows, fits = fits_by_layer[layer]
-        best = select([r for r in rows if r["observable"] == "delay"])
-        tensors.update(spectra(info["scaled"], data, fits[("delay", best["n_delays"])], study))
-    if figures["layers"]:
-        layer = results["selected"]["layer"]
-        info = figures["layers"][layer]
-        tensors.update(decision_grid({"original": figures["model"], "scaled": info["scaled"],
-                                      "hybrid": info["fit"][1]}, study.grid_points))
-        tensors["grid/test_X"], tensors["grid/test_y"] = data.test.X, data.test.y
-    results = {**results, "comparison": comparison, "baselines": baselines,
-               "ablations": ablations,
+    tensors = _first_seed_tensors(results, figures, fits_by_layer, data, study)
+    runs = rows.pop("runs")
+    results = {**results, **rows,
                "seeds": {"seeds": list(study.seeds), "runs": runs, "timings_s": timings},
                "study": {"config": _jsonable(dataclasses.asdict(study)), "quick": quick,
                          "decision_layer": results["selected"]["layer"],
                          "decision_setting": {k: results["selected"][k] for k in (
                              "n_delays", "rank", "tikhonov", "constant")}}}
     return results, figures, tensors
+
+
+def _study_seed(dataset: str, seed: int, study: StudyConfig, quick: bool
+                ) -> tuple[dict[str, list], tuple]:
+    """Every row of one seed, and what the first seed's spectra and figures need."""
+    config = default_config(dataset, seed=seed, quick=quick)
+    if quick:  # smoke test: the first layer only
+        config = dataclasses.replace(config, layers=config.layers[:1])
+    results, figures = run_experiment(config, progress=False)
+    data = load_protocol_data(config)
+    out = {"comparison": [], "ablations": [],
+           "runs": [{"seed": seed, "original": results["original"], "scaled": results["scaled"],
+                     "selected": results["selected"]}],
+           "baselines": [{**softmax_floor(data.base, data.val, data.test), "seed": seed},
+                         {"layer": None, "method": "original network", "parameters": None,
+                          "seed": seed, **results["original"]}]}
+    fits_by_layer = {}
+    labels = {"val": data.val.y, "test": data.test.y}
+    for layer, info in figures["layers"].items():
+        scaled = info["scaled"]
+        scaled_row = next(r for r in results["scaled"] if r["layer"] == layer)
+        out["baselines"].append({"layer": layer, "method": "scaled network", "parameters": None,
+                                 "seed": seed, "val_accuracy": scaled_row["val_accuracy"],
+                                 "test_accuracy": scaled_row["test_accuracy"]})
+        train_states = collect_trajectories(scaled, data.trajectories.X).states
+        states = {k: collect_trajectories(scaled, s.X).states
+                  for k, s in (("val", data.val), ("test", data.test))}
+        rows, fits = compare_layer(scaled, train_states, states, labels, config.delays,
+                                   study, seed, config.exact_rollout)
+        out["comparison"] += rows
+        fits_by_layer[layer] = (rows, fits)
+        delay_best = select([r for r in rows if r["observable"] == "delay"])
+        out["baselines"] += layer_baselines(scaled, data, delay_best["replacement_parameters"],
+                                            seed)
+        layer_rows = [r for r in results["sweep"] if r["layer"] == layer]
+        out["ablations"] += layer_ablations(config, study, figures["model"], scaled,
+                                            scaled_row["init"], data, layer_rows, seed)
+    return out, (results, figures, fits_by_layer, data)
+
+
+def _first_seed_tensors(results, figures, fits_by_layer, data, study: StudyConfig
+                        ) -> dict[str, torch.Tensor]:
+    """Spectra of every layer and the decision grid of the selected hybrid (first seed)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, info in figures["layers"].items():
+        rows, fits = fits_by_layer[layer]
+        best = select([r for r in rows if r["observable"] == "delay"])
+        tensors.update(spectra(info["scaled"], data, fits[("delay", best["n_delays"])], study))
+    if figures["layers"]:
+        info = figures["layers"][results["selected"]["layer"]]
+        tensors.update(decision_grid({"original": figures["model"], "scaled": info["scaled"],
+                                      "hybrid": info["fit"][1]}, study.grid_points))
+        tensors["grid/test_X"], tensors["grid/test_y"] = data.test.X, data.test.y
+    return tensors
 
 
 def _jsonable(value):
