@@ -53,6 +53,19 @@ _RAW_MD5 = {
 _TIMEOUT_S = 20.0
 
 
+def _raw_bytes(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it is a gzip file."""
+    data = path.read_bytes()
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(
+            f"'{path}' is a corrupt or truncated gzip file ({err}); fetch a fresh copy."
+        ) from err
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file, gzipped (recognised by content, not suffix) or raw, checking its length.
 
@@ -67,14 +80,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     array([7, 2, 1], dtype=uint8)
     """
     path = Path(path)
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(
-                f"'{path}' is a corrupt or truncated gzip file ({err}); fetch a fresh copy."
-            ) from err
+    data = _raw_bytes(path)
     magic = data[:4]
     if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _DTYPES:
         raise ValueError(
@@ -186,14 +192,7 @@ def check_is_mnist(root: str | os.PathLike) -> None:
     """
     files = find_idx_files(root)
     for key, path in files.items():
-        data = path.read_bytes()
-        if data[:2] == b"\x1f\x8b":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as err:
-                raise ValueError(
-                    f"'{path}' is a corrupt or truncated gzip file ({err}); fetch a fresh copy."
-                ) from err
+        data = _raw_bytes(path)
         digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
         if digest != _RAW_MD5[key]:
             folder = path.parent
