@@ -17,6 +17,10 @@ Shape: data [n, features] -> hybrid(x) [n, classes].
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+import math
+import sys
 import warnings
 
 import numpy as np
@@ -38,7 +42,10 @@ from koopnet.scaling import DEFAULT_SCALING, ScaledMLP, scale_layer
 from koopnet.spec import FitSpec
 from koopnet.trajectories import collect_trajectories
 
-__all__ = ["check_inputs", "fit_hybrid", "linearize", "model_dtype"]
+__all__ = ["check_inputs", "describe_recipe", "fit_hybrid", "linearize", "model_dtype",
+           "scaling_recipe"]
+
+log = logging.getLogger(__name__)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -122,6 +129,34 @@ def check_model(model, X: torch.Tensor, layer: int, y=None) -> None:
                          " Rescale the inputs or check the model's weights.")
             if i >= 2 * layer + 1:
                 break
+
+
+def scaling_recipe(n_samples: int, *, steps: int = 1000,
+                   base: TrainConfig = DEFAULT_SCALING) -> TrainConfig:
+    """The default scaling recipe sized to the data: about ``steps`` AdamW steps whatever the
+    number of samples, and an early stop once the loss stops improving.
+
+    Scaling regresses fixed pairs, so the step count, not the number of epochs, is what the
+    fit needs; a recipe in epochs sized for 5k Yin-Yang points would run 4x longer on 20k
+    images for nothing. Up to ``base.batch_size`` samples this is ``base`` itself (full batch).
+    """
+    n_samples = check_int(n_samples, "n_samples", low=1)
+    batch = min(base.batch_size, n_samples)
+    per_epoch = math.ceil(n_samples / batch)
+    if per_epoch == 1:
+        return base
+    patience = max(1, (base.plateau_patience or 100) // per_epoch)
+    return dataclasses.replace(base, batch_size=batch, epochs=math.ceil(steps / per_epoch),
+                               plateau_patience=patience, stop_patience=3 * patience)
+
+
+def describe_recipe(recipe: TrainConfig, n_samples: int) -> str:
+    """One line saying what a scaling recipe will do on ``n_samples`` samples."""
+    steps = recipe.epochs * math.ceil(n_samples / recipe.batch_size)
+    stop = (f", early stop after {recipe.stop_patience} epochs without improvement"
+            if recipe.stop_patience else "")
+    return (f"scaling on {n_samples} samples: up to {steps} AdamW steps ({recipe.epochs} epochs "
+            f"of batch {min(recipe.batch_size, n_samples)}, lr {recipe.lr:g}){stop}")
 
 
 def _check_spec(spec: FitSpec, n_states: int, width: int, n_samples: int) -> None:
@@ -213,7 +248,7 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
               spec: FitSpec | None = None, n_delays: int | None = None, rank=None,
               tikhonov: float | None = None, constant: bool | None = None,
               pairing: str | None = None, init: str = "he", labels=None, seed: int = 0,
-              scaling_config: TrainConfig | None = None, progress: bool = False,
+              scaling_config: TrainConfig | None = None, progress: bool | None = None,
               steps: int | None = None, protocol: str | None = None) -> KoopmanHybrid:
     """Replace hidden layer ``layer + 1`` of ``model`` by a linear Koopman operator.
 
@@ -240,7 +275,10 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
         Seed of the inserted blocks and of the scaling mini-batches: the same seed gives the
         same hybrid.
     scaling_config : TrainConfig, optional
-        Scaling recipe; default :data:`koopnet.scaling.DEFAULT_SCALING`.
+        Scaling recipe; default :func:`scaling_recipe` of the data (about 1000 AdamW steps,
+        early stop on a plateau), said in one log line.
+    progress : bool, optional
+        Progress bars on stderr; default: when stderr is a terminal.
 
     Returns
     -------
@@ -275,9 +313,11 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
     modules = mlp_layout(model)
     w, w_out = modules[2 * layer - 2].out_features, modules[2 * layer].out_features
     _check_spec(spec, n_inserted + 2, max(w, w_out), len(X))
+    recipe = scaling_config or scaling_recipe(len(X))
+    log.info("%s", describe_recipe(recipe, len(X)))
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
     scaled, report = scale_layer(model, layer, X, y, n_inserted=n_inserted, init=init,
-                                 config=scaling_config or DEFAULT_SCALING, seed=seed,
-                                 progress=progress)
+                                 config=recipe, seed=seed, progress=progress)
     hybrid = _fit(scaled, X, spec, keep_scaled=True, scaling_report=report)
     if work != dtype:  # the network parts in the model's precision; the map stays float64
         for part in (hybrid.head, hybrid.prefix, hybrid.tail):

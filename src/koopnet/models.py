@@ -137,6 +137,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     plateau_patience: int | None = None  # ReduceLROnPlateau on the epoch-mean loss, factor 0.5
     plateau_threshold: float = 1e-4
+    # stop early once the epoch-mean loss has not improved (relatively, by plateau_threshold)
+    # for this many epochs; None trains every epoch
+    stop_patience: int | None = None
 
 
 def fit_minibatch(
@@ -165,7 +168,8 @@ def fit_minibatch(
             optimizer, factor=0.5, patience=config.plateau_patience,
             threshold=config.plateau_threshold)
     n = len(inputs)
-    history = []
+    history: list[float] = []
+    best, since_best = float("inf"), 0
     module.train()
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
@@ -182,6 +186,10 @@ def fit_minibatch(
         if scheduler is not None:
             scheduler.step(history[-1])
         bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+        improved = history[-1] < best * (1 - config.plateau_threshold)
+        best, since_best = (history[-1], 0) if improved else (best, since_best + 1)
+        if config.stop_patience is not None and since_best >= config.stop_patience:
+            break
     module.eval()
     return history
 

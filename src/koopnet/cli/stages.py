@@ -9,6 +9,7 @@ killed stage leaves the earlier folder (``--force``) whole, never a mix of two r
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -36,10 +37,12 @@ from koopnet.io.sources import NAMED, fit_split, load_data, reload_data
 from koopnet.io.trajectories import dmd_tensors
 from koopnet.lab.protocols import environment
 from koopnet.lab.recipes import ExperimentConfig, default_config
-from koopnet.linearization import check_model, fit_hybrid
+from koopnet.linearization import check_model, describe_recipe, fit_hybrid, scaling_recipe
 from koopnet.models import accuracy, build_mlp, check_layer, predict_logits, train_classifier
-from koopnet.scaling import DEFAULT_SCALING, scale_layer
+from koopnet.scaling import scale_layer
 from koopnet.spec import FitSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = ["stage_evaluate", "stage_fit", "stage_scale", "stage_train"]
 
@@ -167,8 +170,10 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
     layer = check_layer(network, layer)
     check_model(network, X, layer)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
-    recipe = DEFAULT_SCALING if epochs is None else dataclasses.replace(
-        DEFAULT_SCALING, epochs=check_int(epochs, "epochs", low=1))
+    recipe = scaling_recipe(len(X))
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=check_int(epochs, "epochs", low=1))
+    log.info("%s", describe_recipe(recipe, len(X)))
     _check_inputs_outside(out, run, model, config, data, labels, data_dir, *_data_inputs(record))
     clock = time.perf_counter()
     scaled, report = scale_layer(network, layer, X, y, n_inserted=n_inserted, init=init,
