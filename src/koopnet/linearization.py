@@ -58,6 +58,13 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters live (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def check_inputs(data, labels=None, *, dtype=torch.float32, name: str = "data"):
     """A tensor, array or DataLoader (yielding x or (x, y)) -> X [n, features], y [n] or None.
 
@@ -224,6 +231,7 @@ def fit_hybrid(scaled: ScaledMLP, data, *, spec: FitSpec | None = None, n_delays
         raise TypeError(f"scaled must be a ScaledMLP (from scale_layer); got "
                         f"{type(scaled).__name__}.")
     X, _ = check_inputs(data, dtype=model_dtype(scaled))
+    X = X.to(model_device(scaled))  # the data follows the model (CPU or GPU)
     check_width_preserving(scaled.inserts, scaled.width)
     expected = scaled.head[0].in_features
     if X.shape[1] != expected:
@@ -302,6 +310,8 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
     work = torch.float32 if dtype in _HALF else dtype  # half precision is scaled in float32
     layer = check_layer(model, layer)
     X, y = check_inputs(data, labels, dtype=work)
+    device = model_device(model)  # the data follows the model (CPU or GPU)
+    X, y = X.to(device), (None if y is None else y.to(device))
     if work != dtype:
         model = copy.deepcopy(model).to(work)
     check_model(model, X, layer, y)
