@@ -30,7 +30,7 @@ from koopnet.io.artifacts import (
 )
 from koopnet.models import ACTIVATIONS, activation_name
 from koopnet.observables import TimeDelay
-from koopnet.scaling import ScaledMLP
+from koopnet.scaling import ResidualBlock, ScaledMLP, ScalingSpec, tie_blocks, tied_steps
 
 __all__ = ["load_hybrid", "load_model", "load_model_files", "load_scaled", "mlp_spec",
            "module_spec", "read_safetensors", "save_hybrid", "save_model", "save_scaled"]
@@ -44,7 +44,13 @@ _ACTIVATION_ARGS = {"leaky_relu": ("negative_slope",), "elu": ("alpha",),
 
 
 def module_spec(module: nn.Module, where: str = "model") -> dict:
-    """JSON description of a Sequential of Linear / activation / Softmax modules."""
+    """JSON description of a Sequential of Linear / activation / Softmax modules (and of the
+    residual or weight-tied blocks that :func:`koopnet.scaling.make_inserts` builds)."""
+    if tied_steps(module):  # one block applied len(module) times: stored once
+        return {"type": "tied", "n_steps": len(module), "step": module_spec(module[0],
+                                                                             f"{where}[0]")}
+    if isinstance(module, ResidualBlock):
+        return {"type": "residual", "body": module_spec(module.body, f"{where}.body")}
     if isinstance(module, nn.Sequential):
         return {"type": "sequential",
                 "modules": [module_spec(m, f"{where}[{i}]") for i, m in enumerate(module)]}
@@ -79,12 +85,17 @@ def _build(spec, where: str) -> nn.Module:
             return ACTIVATIONS[spec["name"]](**spec.get("args", {}))
         if kind in ("softmax", "log_softmax"):
             return (nn.Softmax if kind == "softmax" else nn.LogSoftmax)(dim=spec["dim"])
+        if kind == "residual":
+            return ResidualBlock(_build(spec["body"], f"{where}.body"))
+        if kind == "tied":
+            n_steps = check_int(spec["n_steps"], f"{where} n_steps", low=2)
+            return tie_blocks(_build(spec["step"], f"{where}[0]"), n_steps)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{where}: malformed architecture entry {spec!r} ({err}).") from err
     raise ArtifactError(f"{where}: unknown module type {kind!r}; expected sequential, linear, "
-                        "activation or softmax.")
+                        "activation, softmax, residual or tied.")
 
 
 def mlp_spec(widths, activation="relu", *, softmax: bool = False) -> dict:
@@ -265,9 +276,12 @@ def save_scaled(scaled: ScaledMLP, directory, name: str = "scaled", *,
         raise TypeError(f"scaled must be a ScaledMLP; got {type(scaled).__name__}.")
     architecture = {part: module_spec(getattr(scaled, part), part)
                     for part in ("head", "inserts", "replaced", "tail")}
-    config = {**_metadata(metadata, {"architecture", "layer"}), "architecture": architecture,
-              "layer": scaled.layer}
+    config = {**_metadata(metadata, {"architecture", "layer", "scaling_spec"}),
+              "architecture": architecture, "layer": scaled.layer}
+    if scaled.spec != ScalingSpec():  # default scaled models keep their old JSON
+        config["scaling_spec"] = scaled.spec.to_dict()
     Path(directory).mkdir(parents=True, exist_ok=True)
+    # a tied block's tensors appear once per step in state_dict(); save_artifact copies each
     return save_artifact(directory, name, dict(scaled.state_dict()), config, kind="scaled",
                          parents=dict(parents or {}))
 
@@ -279,14 +293,29 @@ def _load_scaled(directory, name: str = "scaled") -> tuple[ScaledMLP, dict]:
         arch, layer = meta["config"]["architecture"], int(meta["config"]["layer"])
         parts = {part: _build(arch[part], part)
                  for part in ("head", "inserts", "replaced", "tail")}
+        spec = ScalingSpec.from_dict(meta["config"].get("scaling_spec", {}))
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"'{Path(directory) / name}.json' has no valid scaled-model "
                             f"architecture ({err}); re-save it with koopnet.save_scaled.") from err
-    scaled = _load_state(ScaledMLP(**parts, layer=layer), tensors, source)
+    _check_shared(parts["inserts"], tensors, source, "inserts.")
+    scaled = _load_state(ScaledMLP(**parts, layer=layer, spec=spec), tensors, source)
     for part in ("head", "replaced", "tail"):  # as scale_layer leaves them: originals frozen
         for p in getattr(scaled, part).parameters():
             p.requires_grad_(False)
     return scaled, meta
+
+
+def _check_shared(module: nn.Module, tensors: dict, source: str, prefix: str) -> None:
+    """Tensors that one shared (tied) parameter is saved under must all be equal: loading keeps
+    only one of them, so a file whose copies differ is refused rather than half-read."""
+    by_parameter: dict[int, list[str]] = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        by_parameter.setdefault(id(value), []).append(prefix + key)
+    for keys in by_parameter.values():
+        present = [k for k in keys if k in tensors]
+        if any(not torch.equal(tensors[present[0]], tensors[k]) for k in present[1:]):
+            raise ArtifactError(f"'{source}' tensors {present[:3]} belong to one tied "
+                                "parameter but differ; the file was not written by save_scaled.")
 
 
 def load_scaled(directory, name: str = "scaled") -> ScaledMLP:
