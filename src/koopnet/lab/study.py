@@ -45,6 +45,7 @@ from koopnet.lab.protocols import (
 )
 from koopnet.lab.recipes import default_config
 from koopnet.lab.spectra import hankel_right_singular_vectors, resdmd_residuals
+from koopnet.learned import LearnedObservable
 from koopnet.models import predict_logits
 from koopnet.observables import Polynomial, RandomFourier, TimeDelay, snapshot_pairs
 from koopnet.scaling import scale_layer
@@ -53,7 +54,7 @@ from koopnet.trajectories import collect_trajectories
 
 log = logging.getLogger(__name__)
 
-OBSERVABLES = ("delay", "identity", "polynomial", "rbf", "rbf, fitted read-out")
+OBSERVABLES = ("delay", "identity", "polynomial", "rbf", "rbf, fitted read-out", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class StudyConfig:
     poly_max_features: int = 200
     rff_features: int = 200
     rff_scale: float = 2.0
+    # learned observable (koopnet.learned): latent dims (None: the layer width), Adam steps
+    learned_latent: int | None = None
+    learned_steps: int = 300
     inserted: tuple = (5, 20)
     # layers whose scaling is re-trained for the init and N ablations (the costly part)
     scaling_ablation_layers: tuple = (1,)
@@ -90,6 +94,9 @@ def make_observable(name: str, h: int, config: StudyConfig, seed: int = 0,
     if name in ("rbf", "rbf, fitted read-out"):
         return RandomFourier(config.rff_features, h, scale=config.rff_scale, seed=seed,
                              constant=constant, include_state=name == "rbf")
+    if name == "learned":
+        return LearnedObservable(h, latent_dims=config.learned_latent,
+                                 n_steps=config.learned_steps, seed=seed, constant=constant)
     raise ValueError(f"observable={name!r} is unknown; use one of {OBSERVABLES}.")
 
 
@@ -103,12 +110,13 @@ def fit_observable(name: str, h: int, train_states: torch.Tensor, config: StudyC
 
 
 def compare_layer(scaled, train_states, states, labels, delays, config: StudyConfig,
-                  seed: int = 0, exact_rollout: bool = False) -> tuple[list[dict], dict]:
+                  seed: int = 0, exact_rollout: bool = False,
+                  observables: tuple[str, ...] = OBSERVABLES) -> tuple[list[dict], dict]:
     """Best validation row for every (observable, h); also returns the fitted (observable, DMD)
     of each row, keyed by (observable, h). ``exact_rollout`` as in the protocol's DMD (the clean
     protocol's within-trajectory pairs need it; see ``koopnet.dmd.DMD``)."""
     rows, fits = [], {}
-    for name, h in ((name, h) for name in OBSERVABLES for h in delays):
+    for name, h in ((name, h) for name in observables for h in delays):
         best = None
         for constant in config.constants:
             observable, stats = fit_observable(name, h, train_states, config, seed, constant)
@@ -290,7 +298,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
     if quick:
         study = dataclasses.replace(study, inserted=(5,), eig_trajectories=(50,),
                                     eig_delays=(1, 10), hankel_stacks=(1, 10), grid_points=60,
-                                    rff_features=50, poly_max_features=50)
+                                    rff_features=50, poly_max_features=50, learned_steps=30)
     first = None
     rows = {"comparison": [], "baselines": [], "ablations": [], "runs": []}
     timings: dict[str, float] = {}
