@@ -28,8 +28,8 @@ from koopnet.io.artifacts import (
     load_artifact,
     save_artifact,
 )
+from koopnet.io.observables import observable_entry, restore_observable
 from koopnet.models import ACTIVATIONS, activation_name
-from koopnet.observables import TimeDelay
 from koopnet.scaling import ResidualBlock, ScaledMLP, ScalingSpec, tie_blocks, tied_steps
 
 __all__ = ["load_hybrid", "load_model", "load_model_files", "load_scaled", "mlp_spec",
@@ -329,10 +329,7 @@ def save_hybrid(hybrid: KoopmanHybrid, directory, name: str = "hybrid", *,
     observable's settings (everything its forward pass uses)."""
     if not isinstance(hybrid, KoopmanHybrid):
         raise TypeError(f"hybrid must be a KoopmanHybrid; got {type(hybrid).__name__}.")
-    observable = hybrid.observable
-    if type(observable) is not TimeDelay:
-        raise TypeError(f"save_hybrid stores hybrids with TimeDelay observables; this one uses "
-                        f"{type(observable).__name__}. Save its pieces with save_scaled instead.")
+    entry, observable_tensors = observable_entry(hybrid.observable, module_spec)
     structure = {
         "architecture": {part: module_spec(getattr(hybrid, part), part)
                          for part in ("head", "prefix", "tail")},
@@ -341,13 +338,12 @@ def save_hybrid(hybrid: KoopmanHybrid, directory, name: str = "hybrid", *,
         "rank_": hybrid.rank_,
         "compute_dtype": (None if hybrid.compute_dtype is None
                           else str(hybrid.compute_dtype).removeprefix("torch.")),
-        "observable": {"type": "time_delay", "n_delays": observable.n_delays_,
-                       "constant": bool(observable.constant),
-                       "n_features_in": observable.n_features_in_},
+        "observable": entry,
     }
     config = {**_metadata(metadata, set(structure)), **structure}
     Path(directory).mkdir(parents=True, exist_ok=True)
-    return save_artifact(directory, name, dict(hybrid.state_dict()), config, kind="hybrid",
+    tensors = {**hybrid.state_dict(), **observable_tensors}
+    return save_artifact(directory, name, tensors, config, kind="hybrid",
                          parents=dict(parents or {}))
 
 
@@ -357,9 +353,7 @@ def _load_hybrid(directory, name: str = "hybrid") -> tuple[KoopmanHybrid, dict]:
     try:
         arch, obs = config["architecture"], config["observable"]
         parts = {part: _build(arch[part], part) for part in ("head", "prefix", "tail")}
-        h, width = int(obs["n_delays"]), int(obs["n_features_in"])
-        observable = TimeDelay(h, constant=bool(obs["constant"]))
-        observable.fit(torch.zeros(1, h + 1, width))  # sets the fitted widths, no data needed
+        observable = restore_observable(obs, tensors, _build, _load_state)
         D, R = observable.n_output_features_, int(config["rank_"])
         w_out = int(config["out_width"])
         shapes = {"basis": (D, R), "operator": (R, R), "readout": (w_out, D),
