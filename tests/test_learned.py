@@ -35,6 +35,18 @@ def test_interface_contract():
     assert observable.nonlinear_macs() == 8 * 6 + 6 * 3 == observable.nonlinear_macs(4)
 
 
+def test_state_encoder_costs_one_block():
+    """psi = tanh(s_t A + b) with r = W reads only the newest state: W^2 multiply-adds, the
+    cost of one inserted block, whatever h is."""
+    states = torch.randn(6, 7, 4)
+    observable = LearnedObservable(3, encoder_input="state", hidden=0, n_steps=5)
+    assert observable.nonlinear_macs(4) == 16
+    lifted = observable.fit_transform(states)
+    assert lifted.shape == (6, 4, 4 * 4 + 4)
+    assert [type(m).__name__ for m in observable.psi_] == ["Linear", "Tanh"]
+    assert observable.psi_[0].in_features == 4
+
+
 def test_not_fitted_is_refused():
     with pytest.raises(NotFittedError, match="LearnedObservable instance is not fitted yet"):
         LearnedObservable(1).transform(torch.randn(2, 3, 4))
@@ -68,25 +80,27 @@ def test_linear_system_is_predicted_as_well_as_by_delays(linear_system):
 
 
 @pytest.fixture(scope="module")
-def learned_hybrid(tiny_mlp):
+def scaled_states(tiny_mlp):
     model, X, y = tiny_mlp
     torch.manual_seed(0)
     scaled, _ = scale_layer(model, 2, X, y, n_inserted=4, init="identity",
                             config=TrainConfig(epochs=3, batch_size=200, lr=1e-2), retries=0)
-    states = collect_trajectories(scaled, X).states
-    observable = LearnedObservable(1, constant=True, **FAST).fit(states)
+    return scaled, X, collect_trajectories(scaled, X).states
+
+
+@pytest.mark.parametrize("settings", [{}, {"encoder_input": "state", "hidden": 0}])
+def test_hybrid_runs_and_round_trips_bit_identically(scaled_states, tmp_path, settings):
+    scaled, X, states = scaled_states
+    observable = LearnedObservable(1, constant=True, **FAST, **settings).fit(states)
     dmd = DMD(tikhonov=1e-6, exact_rollout=True).fit(observable.transform(states))
-    return KoopmanHybrid.from_dmd(scaled, observable, dmd), X
-
-
-def test_hybrid_runs_and_round_trips_bit_identically(learned_hybrid, tmp_path):
-    hybrid, X = learned_hybrid
+    hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
     with torch.no_grad():
         logits = hybrid(X)
     assert logits.shape == (len(X), 2) and torch.isfinite(logits).all()
     save_hybrid(hybrid, tmp_path)
     loaded = load_hybrid(tmp_path)
     assert isinstance(loaded.observable, LearnedObservable)
+    assert loaded.observable.encoder_input == observable.encoder_input
     with torch.no_grad():
         assert torch.equal(loaded(X), logits)
     assert loaded.observable.nonlinear_macs() == hybrid.observable.nonlinear_macs()
@@ -115,6 +129,9 @@ def test_time_delay_hybrid_file_is_unchanged(tiny_mlp, tmp_path):
     ({"activation": "sigmoid"}, ValueError, r"activation='sigmoid' must be 'tanh' or 'relu'"),
     ({"horizon": 0}, ValueError, r"horizon=0 must be >= 1"),
     ({"lr": -1.0}, ValueError, r"lr=-1.0 must be a finite number >= 0.0"),
+    ({"encoder_input": "latent"}, ValueError,
+     r"encoder_input='latent' must be 'delay' or 'state'"),
+    ({"hidden": -1}, ValueError, r"hidden=-1 must be >= 0"),
 ])
 def test_bad_parameters_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):

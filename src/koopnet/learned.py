@@ -34,10 +34,12 @@ from tqdm.auto import tqdm
 from koopnet._checks import as_tensor, check_choice, check_float, check_int, check_is_fitted
 from koopnet.observables import TimeDelay
 
-__all__ = ["ACTIVATIONS", "MAX_LATENT_RATIO", "LearnedObservable"]
+__all__ = ["ACTIVATIONS", "ENCODER_INPUTS", "MAX_LATENT_RATIO", "LearnedObservable"]
 
 #: the most latent dimensions per neuron of the layer (see the module docs)
 MAX_LATENT_RATIO = 4
+#: what psi reads: the whole delay vector, or only the newest state (W inputs: cheaper)
+ENCODER_INPUTS = ("delay", "state")
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
@@ -45,13 +47,16 @@ class LearnedObservable:
     """Delay vector plus a learned encoder psi; the interface of the EDMD dictionaries.
 
     Parameters: ``n_delays`` h; ``latent_dims`` r (None: the layer width W; at most 4 W);
-    ``hidden`` width of psi's hidden layer (None: 2 r); ``activation`` of psi ('tanh', 'relu',
-    'gelu'); ``constant`` appends 1; ``n_steps`` Adam steps; ``lr``; ``batch_size``
-    trajectories per step (None: full batch); ``horizon`` K, the longest roll-out in the state
-    loss (None: every step of the trajectory); ``ridge`` Tikhonov term of the batch's K,
-    relative to the mean squared lifted coordinate; ``latent_weight`` and ``distance_weight``
-    weigh the latent and distance terms against the state term; ``seed``; ``progress`` shows a
-    bar. Shape: states [B, T, W] -> lifted [B, T - h, D], D = W (h + 1) + r (+1).
+    ``hidden`` width of psi's hidden layer (None: 2 r; 0: no hidden layer, psi = act(z A + b));
+    ``activation`` of psi ('tanh', 'relu', 'gelu'); ``encoder_input`` 'delay' (psi reads the
+    delay vector, W (h+1) inputs) or 'state' (the newest state only, W inputs: an encoder whose
+    cost does not grow with h); ``constant`` appends 1; ``n_steps`` Adam steps; ``lr``;
+    ``batch_size`` trajectories per step (None: full batch); ``horizon`` K, the longest
+    roll-out in the state loss (None: every step of the trajectory); ``ridge`` Tikhonov term
+    of the batch's K, relative to the mean squared lifted coordinate; ``latent_weight`` and
+    ``distance_weight`` weigh the latent and distance terms against the state term; ``seed``;
+    ``progress`` shows a bar.
+    Shape: states [B, T, W] -> lifted [B, T - h, D], D = W (h + 1) + r (+1).
 
     >>> obs = LearnedObservable(1, latent_dims=2, n_steps=2).fit(torch.randn(4, 5, 3))
     >>> obs.transform(torch.randn(4, 5, 3)).shape
@@ -59,7 +64,8 @@ class LearnedObservable:
     """
 
     def __init__(self, n_delays: int = 0, *, latent_dims: int | None = None,
-                 hidden: int | None = None, activation: str = "tanh", constant: bool = False,
+                 hidden: int | None = None, activation: str = "tanh",
+                 encoder_input: str = "delay", constant: bool = False,
                  n_steps: int = 300, lr: float = 1e-2, batch_size: int | None = 256,
                  horizon: int | None = None, ridge: float = 1e-4, latent_weight: float = 0.1,
                  distance_weight: float = 0.01, seed: int = 0, progress: bool = False) -> None:
@@ -67,6 +73,7 @@ class LearnedObservable:
         self.latent_dims = latent_dims
         self.hidden = hidden
         self.activation = activation
+        self.encoder_input = encoder_input
         self.constant = constant
         self.n_steps = n_steps
         self.lr = lr
@@ -91,8 +98,9 @@ class LearnedObservable:
                              f"({MAX_LATENT_RATIO} x {width} = {limit}): a lifting that wide can "
                              "memorise the trajectory instead of describing it. Lower "
                              f"latent_dims to <= {limit}.")
-        hidden = 2 * r if self.hidden is None else check_int(self.hidden, "hidden", low=1)
-        return width * (h + 1), hidden, r
+        hidden = 2 * r if self.hidden is None else check_int(self.hidden, "hidden", low=0)
+        source = check_choice(self.encoder_input, "encoder_input", ENCODER_INPUTS)
+        return width * (h + 1 if source == "delay" else 1), hidden, r
 
     def nonlinear_macs(self, width: int | None = None) -> int:
         """Multiply-adds of psi per lifted sample: the encoder's nonlinear work.
@@ -104,13 +112,15 @@ class LearnedObservable:
             check_is_fitted(self, "psi_")
             width = self.n_features_in_
         n_in, hidden, r = self._sizes(check_int(width, "width", low=1))
-        return n_in * hidden + hidden * r
+        return n_in * hidden + hidden * r if hidden else n_in * r
 
     def build_psi(self, width: int) -> nn.Sequential:
         """An untrained psi for a layer of ``width`` neurons (weights drawn from the global RNG;
         ``fit`` draws them under ``seed``)."""
         n_in, hidden, r = self._sizes(width)
         act = ACTIVATIONS[check_choice(self.activation, "activation", tuple(ACTIVATIONS))]
+        if not hidden:
+            return nn.Sequential(nn.Linear(n_in, r), act())
         return nn.Sequential(nn.Linear(n_in, hidden), act(), nn.Linear(hidden, r), act())
 
     # ---------------------------------------------------------------- fit / transform
@@ -127,7 +137,8 @@ class LearnedObservable:
         if delay.shape[1] < 2:
             raise ValueError(f"n_delays={self.n_delays} leaves {delay.shape[1]} window per "
                              "trajectory; training psi needs at least 2. Lower n_delays.")
-        flat = delay.reshape(-1, delay.shape[2])
+        n_in = self._sizes(width)[0]
+        flat = delay[..., :n_in].reshape(-1, n_in)
         mean, std = flat.mean(0), flat.std(0, correction=0)
         std[std < 1e-6] = 1.0  # constant inputs (padding, dead units) stay unscaled
         self._restore(states.shape[2], psi, mean, std)
@@ -161,8 +172,10 @@ class LearnedObservable:
             check_int(self.horizon, "horizon", low=1)
 
     def _encode(self, delay: torch.Tensor) -> torch.Tensor:
-        """psi of standardised delay vectors. Shape: [..., W(h+1)] -> [..., r]."""
-        return self.psi_((delay.to(self.mean_.dtype) - self.mean_) / self.std_)
+        """psi of the standardised delay vector (or newest state). Shape: [..., W(h+1)] ->
+        [..., r]."""
+        inputs = delay[..., :len(self.mean_)].to(self.mean_.dtype)
+        return self.psi_((inputs - self.mean_) / self.std_)
 
     def _lift(self, delay: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         parts = [delay, latent.to(delay.dtype)]
@@ -235,7 +248,8 @@ class LearnedObservable:
                                        ).sum(-1).mean() / state_var
             latent_loss = latent_loss + ((rolled[..., n_state:n_state + latent.shape[2]]
                                           - latent[:, k:]) ** 2).sum(-1).mean() / latent_var
-        flat_z = ((delay - self.mean_) / self.std_).reshape(-1, n_state)
+        flat_z = ((delay[..., :len(self.mean_)] - self.mean_) / self.std_
+                  ).reshape(-1, len(self.mean_))
         pick = torch.randperm(len(flat_z), generator=generator)[:256]
         d_in = torch.cdist(flat_z[pick], flat_z[pick])
         d_out = torch.cdist(latent.reshape(-1, latent.shape[2])[pick],
@@ -247,4 +261,5 @@ class LearnedObservable:
     def __repr__(self) -> str:
         return (f"LearnedObservable(n_delays={self.n_delays}, latent_dims={self.latent_dims}, "
                 f"hidden={self.hidden}, activation={self.activation!r}, "
+                f"encoder_input={self.encoder_input!r}, "
                 f"constant={self.constant}, n_steps={self.n_steps}, seed={self.seed})")

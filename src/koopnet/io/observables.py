@@ -18,8 +18,8 @@ __all__ = ["PREFIX", "observable_entry", "restore_observable"]
 
 #: key prefix of the observable's tensors inside a hybrid's safetensors file
 PREFIX = "observable."
-_SETTINGS = ("latent_dims", "hidden", "activation", "n_steps", "lr", "batch_size", "horizon",
-             "ridge", "latent_weight", "distance_weight", "seed")
+_SETTINGS = ("latent_dims", "hidden", "activation", "encoder_input", "n_steps", "lr",
+             "batch_size", "horizon", "ridge", "latent_weight", "distance_weight", "seed")
 
 
 def observable_entry(observable, module_spec) -> tuple[dict, dict[str, torch.Tensor]]:
