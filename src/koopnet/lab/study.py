@@ -55,6 +55,9 @@ from koopnet.trajectories import collect_trajectories
 log = logging.getLogger(__name__)
 
 OBSERVABLES = ("delay", "identity", "polynomial", "rbf", "rbf, fitted read-out", "learned")
+#: learned observables by name: "learned" (psi reads the delay vector, one hidden layer) and one
+#: whose encoder costs one inserted block (psi = tanh(s_t A + b), A [W, W]: W^2 multiply-adds)
+LEARNED = {"learned": {}, "learned, 1-block encoder": {"encoder_input": "state", "hidden": 0}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +97,12 @@ def make_observable(name: str, h: int, config: StudyConfig, seed: int = 0,
     if name in ("rbf", "rbf, fitted read-out"):
         return RandomFourier(config.rff_features, h, scale=config.rff_scale, seed=seed,
                              constant=constant, include_state=name == "rbf")
-    if name == "learned":
+    if name in LEARNED:
         return LearnedObservable(h, latent_dims=config.learned_latent,
-                                 n_steps=config.learned_steps, seed=seed, constant=constant)
-    raise ValueError(f"observable={name!r} is unknown; use one of {OBSERVABLES}.")
+                                 n_steps=config.learned_steps, seed=seed, constant=constant,
+                                 **LEARNED[name])
+    raise ValueError(f"observable={name!r} is unknown; use one of "
+                     f"{(*OBSERVABLES, *LEARNED)}.")
 
 
 def fit_observable(name: str, h: int, train_states: torch.Tensor, config: StudyConfig,
