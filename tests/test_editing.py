@@ -236,3 +236,27 @@ def test_mode_attribution_and_residuals():
     Xp = torch.randn(40, 16, dtype=torch.float64)
     torch.testing.assert_close(resdmd_residuals(hybrid, PairStatistics.from_pairs(Xp, Xp)),
                                torch.zeros(16, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_cli_edit_writes_a_hybrid_folder(tmp_path, capsys):
+    from koopnet.cli.main import main
+
+    hybrid = _hybrid(_operator())
+    save_hybrid(hybrid, tmp_path / "fit")
+    index = _index_of(hybrid, 0.5)
+    assert main(["edit", str(tmp_path / "fit"), "--remove-modes", str(index),
+                 "--out", str(tmp_path / "edited")]) == 0
+    edited = load_hybrid(tmp_path / "edited")
+    torch.testing.assert_close(edited.linear_map, edit_modes(hybrid, remove=index).linear_map,
+                               rtol=0, atol=1e-12)
+    assert main(["edit", str(tmp_path / "edited"), "--abs-below", "0.7",
+                 "--out", str(tmp_path / "small")]) == 0
+    assert _sorted(spectrum(load_hybrid(tmp_path / "small"))[0]) == _sorted(
+        torch.tensor([0.9, 0.0, 0.0, 0.0, 0.0]))
+    capsys.readouterr()
+    assert main(["edit", str(tmp_path / "fit"), "--forget-class", "1",
+                 "--out", str(tmp_path / "forgot")]) == 2
+    assert "records no data set" in capsys.readouterr().err
+    assert main(["edit", str(tmp_path / "fit"), "--remove-modes", "a,b", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "--remove-modes 'a,b' must be comma-separated integers" in capsys.readouterr().err
