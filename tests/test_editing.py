@@ -260,3 +260,14 @@ def test_cli_edit_writes_a_hybrid_folder(tmp_path, capsys):
     assert main(["edit", str(tmp_path / "fit"), "--remove-modes", "a,b", "--out",
                  str(tmp_path / "bad")]) == 2
     assert "--remove-modes 'a,b' must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_mode_attribution_figure():
+    import matplotlib.pyplot as plt
+
+    from koopnet.lab.figures import plot_mode_attribution
+
+    hybrid, X, y = _trained_hybrid()
+    fig = plot_mode_attribution(mode_attribution(hybrid, X, y), title="modes", top=3)
+    assert len(fig.axes[0].patches) == 9 and fig.axes[0].get_title() == "modes"
+    plt.close(fig)

@@ -224,3 +224,38 @@ def plot_decision_boundaries(axis: torch.Tensor, predictions: dict, X=None, y=No
         ax.set(xlabel="x₁", ylabel="x₂", title=name, aspect="equal")
     fig.suptitle(title)
     return fig
+
+
+def plot_mode_attribution(attribution: dict, ax=None, *, title: str = "", top: int = 8,
+                          class_names: list[str] | None = None):
+    """Modes ranked per class by how much removing them lowers that class's mean logit.
+
+    ``attribution`` is :func:`koopnet.editing.mode_attribution`'s dict; one group of bars per
+    class, its ``top`` modes (a conjugate pair counted once) in decreasing order, each bar
+    labelled with the eigenvalue (and ResDMD residual r where known).
+    """
+    drop = attribution["logit_drop"].detach().cpu().numpy()  # [R, C]
+    lam = attribution["eigenvalues"].detach().cpu().numpy()
+    res = attribution["residual"].detach().cpu().numpy()
+    group = attribution["group"].detach().cpu().numpy()
+    firsts = np.unique(group)
+    n_classes = drop.shape[1]
+    names = class_names or [f"class {c}" for c in range(n_classes)]
+    fig, ax = _axes(ax, figsize=(min(14, 2 + 1.6 * n_classes * min(top, len(firsts)) / 2), 4.5))
+    position, ticks, labels = 0, [], []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c in range(n_classes):
+        order = firsts[np.argsort(-drop[firsts, c])][:top]
+        xs = np.arange(position, position + len(order))
+        ax.bar(xs, drop[order, c], color=colours[c % len(colours)], label=names[c])
+        for x, i in zip(xs, order, strict=True):
+            text = f"#{i} {abs(lam[i]):.2f}∠{np.degrees(abs(np.angle(lam[i]))):.0f}°"
+            labels.append(text if np.isnan(res[i]) else f"{text}\nr={res[i]:.2f}")
+            ticks.append(x)
+        position += len(order) + 1
+    ax.set_xticks(ticks, labels, fontsize=7, rotation=90)
+    ax.axhline(0, color="0.6", lw=0.6)
+    ax.set(xlabel="mode |λ|∠arg (r = ResDMD residual)",
+           ylabel="drop of the class's mean logit when removed", title=title)
+    ax.legend(fontsize=8)
+    return fig
