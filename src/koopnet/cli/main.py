@@ -20,6 +20,13 @@ log = logging.getLogger("koopnet")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    seed_given = args.seed is not None  # reproduce's --seed defaults to None, meaning 0
+    args.seed = 0 if args.seed is None else args.seed
+    if args.dataset == "resmlp-mnist":
+        return _reproduce_depth(args, seed_given)
+    if args.seeds is not None:
+        raise ValueError(f"--seeds applies to resmlp-mnist only; for {args.dataset} pass one "
+                         "--seed per run.")
     from koopnet.lab.protocols import run_experiment
     from koopnet.lab.recipes import default_config
     from koopnet.lab.run import write_run
@@ -36,6 +43,35 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "original_test": results["original"]["test_accuracy"],
                       "selected": {k: selected[k] for k in ("layer", "n_delays", "rank",
                                                             "val_accuracy", "test_accuracy")}}))
+    return 0
+
+
+def _reproduce_depth(args: argparse.Namespace, seed_given: bool) -> int:
+    """``koopnet reproduce resmlp-mnist``: residual MLP, its last blocks replaced along depth."""
+    from koopnet.lab.residual_run import depth_config, run_depth, write_depth_run
+
+    if args.protocol != "clean":
+        raise ValueError(f"--protocol {args.protocol} does not apply to resmlp-mnist (it has "
+                         "only the clean protocol); leave --protocol out.")
+    if seed_given and args.seeds is not None:
+        raise ValueError("pass either --seed S (one seed) or --seeds 0,1,2, not both.")
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = tuple(int(part) for part in args.seeds.split(","))
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers such "
+                             "as 0,1,2.") from None
+    config = depth_config(seed=args.seed if seed_given else None, seeds=seeds,
+                          quick=args.quick, data_dir=args.data_dir)
+    out = check_output_dir(args.out, force=args.force)
+    log.info("reproducing resmlp-mnist (seeds %s) into %s", list(config.seeds), out)
+    results = run_depth(config)
+    with staged_folder(out, force=args.force) as stage:
+        write_depth_run(stage, results, pdf=args.pdf)
+    summary = {f"{r['method']} x{r['span']}": round(r["test_mean"], 2)
+               for r in results["summary"]}
+    print(json.dumps({"out": str(out), "seeds": list(config.seeds), "test": summary}))
     return 0
 
 
@@ -231,11 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the paper's experiment end to end")
-    rep.add_argument("dataset", help="yinyang, yinyang3, mnist or idx:PATH")
+    rep.add_argument("dataset", help="yinyang, yinyang3, mnist, idx:PATH or resmlp-mnist "
+                                     "(a residual MLP's blocks replaced along depth)")
     rep.add_argument("--protocol", choices=["clean", "paper"], default="clean")
     rep.add_argument("--quick", action="store_true", help="tiny smoke-test version")
+    rep.add_argument("--seeds", help="resmlp-mnist: comma-separated seeds (default 0,1,2; "
+                                     "--quick: 0)")
     _add_common(rep, pdf=True)
-    rep.set_defaults(func=cmd_reproduce)
+    rep.set_defaults(func=cmd_reproduce, seed=None)
 
     report = sub.add_parser("report", help="re-render report.md from a run folder")
     report.add_argument("run_dir")

@@ -207,6 +207,30 @@ def plot_accuracy_vs_linear_steps(comparison: list[dict], baselines: list[dict] 
     return fig
 
 
+def plot_accuracy_vs_replaced_blocks(summary: list[dict], original: list[dict] | None = None,
+                                     ax=None, *, title: str = "", metric: str = "test"):
+    """Accuracy (mean ± sd over seeds, %) against the number of replaced last blocks, one line
+    per method; the original network as a dotted horizontal line.
+
+    ``summary`` rows hold span, method, ``{metric}_mean`` and ``{metric}_sd`` (see
+    :func:`koopnet.lab.residual_run.summarize`); ``original`` rows hold ``test_accuracy``.
+    """
+    fig, ax = _axes(ax, figsize=(5.2, 4.2))
+    for method in dict.fromkeys(r["method"] for r in summary):
+        rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["span"])
+        ax.errorbar([r["span"] for r in rows], [r[f"{metric}_mean"] for r in rows],
+                    yerr=[r[f"{metric}_sd"] for r in rows], marker="o", ms=4, capsize=2,
+                    lw=1.3, label=method)
+    if original:
+        mean = _mean_sd([100 * o[f"{metric}_accuracy"] for o in original])[0]
+        ax.axhline(mean, color="k", ls=":", lw=1, label="original network")
+    spans = sorted({r["span"] for r in summary})
+    ax.set_xticks(spans)
+    ax.set(xlabel="replaced last blocks", ylabel=f"{metric} accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_decision_boundaries(axis: torch.Tensor, predictions: dict, X=None, y=None, axes=None,
                              *, title: str = "", n_points: int = 600):
     """Predicted class on a square grid of inputs, one panel per model, test points on top.
