@@ -146,7 +146,8 @@ def test_study_quick_writes_tables_figures_and_rerenders(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == 1 and results["seeds"]["seeds"] == [0]
     observables = {r["observable"] for r in results["comparison"]}
-    assert observables == {"delay", "identity", "polynomial", "rbf", "rbf, fitted read-out"}
+    assert observables == {"delay", "identity", "polynomial", "rbf", "rbf, fitted read-out",
+                           "learned"}
     for row in results["comparison"]:
         assert row["linear_steps"] + row["nonlinear_blocks"] == 11
     methods = {r["method"] for r in results["baselines"]}
