@@ -155,7 +155,7 @@ def test_study_quick_writes_tables_figures_and_rerenders(tmp_path):
             "softmax regression on inputs", "scaled network"} <= methods
     groups = {r["group"] for r in results["ablations"]}
     assert groups == {"scaling init", "inserted blocks N", "constant observable",
-                      "rank / Tikhonov", "trajectory windows"}
+                      "rank / Tikhonov", "trajectory windows", "scaling variant"}
     report = (out / "report.md").read_text()
     for name in results["study"]["figures"]:
         assert f"]({name})" in report and (out / name).stat().st_size > 5_000

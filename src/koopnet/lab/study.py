@@ -44,6 +44,7 @@ from koopnet.lab.protocols import (
     sweep_layer,
 )
 from koopnet.lab.recipes import default_config
+from koopnet.lab.scaling_variants import SCALING_VARIANTS, scaling_variant_rows
 from koopnet.lab.spectra import hankel_right_singular_vectors, resdmd_residuals
 from koopnet.learned import LearnedObservable
 from koopnet.models import predict_logits
@@ -79,6 +80,8 @@ class StudyConfig:
     inserted: tuple = (5, 20)
     # layers whose scaling is re-trained for the init and N ablations (the costly part)
     scaling_ablation_layers: tuple = (1,)
+    # (label, ScalingSpec) of the "scaling variant" ablation (koopnet.lab.scaling_variants)
+    scaling_variants: tuple = SCALING_VARIANTS
     eig_trajectories: tuple = (50, 500)
     eig_delays: tuple = (1, 10, 50, 100)
     hankel_stacks: tuple = (1, 10, 50)
@@ -205,6 +208,9 @@ def layer_ablations(config, study: StudyConfig, model, scaled, scaled_init: str,
         rows.append(_ablation(group, layer, label, best, seed, scaling_ok=report.ok))
     if layer in study.scaling_ablation_layers:
         rows.append(_ablation("inserted blocks N", layer, "N=10 (main run)", main, seed))
+        for label, best, extra in scaling_variant_rows(small, study.scaling_variants, model,
+                                                       layer, data, seed):
+            rows.append(_ablation("scaling variant", layer, label, best, seed, **extra))
     for constant in (False, True):
         rows.append(_ablation("constant observable", layer, f"constant={constant}",
                               _best(sweep_rows, constant=[constant]), seed))
@@ -302,6 +308,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
         study = dataclasses.replace(study, seeds=tuple(seeds))
     if quick:
         study = dataclasses.replace(study, inserted=(5,), eig_trajectories=(50,),
+                                    scaling_variants=study.scaling_variants[-1:],
                                     eig_delays=(1, 10), hankel_stacks=(1, 10), grid_points=60,
                                     rff_features=50, poly_max_features=50, learned_steps=30)
     first = None
