@@ -1,0 +1,262 @@
+"""Forgetting one class of 3-class Yin-Yang: koopnet's closed-form edit against honest baselines.
+
+Every seed runs the clean protocol (``run_experiment(default_config("yinyang3", seed=s))``) and
+takes the hybrid of the selected layer. On the same splits each method forgets class C:
+
+- ``koopnet.forget_class``: the closed-form least-squares edit of the hybrid's roll-out
+  (:func:`koopnet.editing.forget_class`, fitted on the training split);
+- ``logit mask``: the hybrid with class C's logit set to -inf;
+- ``gradient ascent``: the base network fine-tuned by ascent on class C's cross-entropy
+  (full batch on the training samples of C, Adam lr 1e-3, stopped once C's training accuracy
+  is at most 5% or after 100 steps);
+- ``retrain``: the base network retrained from scratch without class C (same widths, recipe
+  and seed): the gold standard.
+
+Reported per method: test accuracy on C and on each kept class, each kept class's accuracy
+relative to the unedited network it came from (the hybrid for the hybrid methods, the base
+network otherwise), the accuracy on C of a linear probe (multinomial logistic regression on
+the standardised penultimate features, i.e. the input of the last Linear, trained on the
+training split with all labels, scored on C's test samples) and the time the method took.
+Criteria (issue 13): C <= 5%, every kept class >= 98% of its accuracy, probe <= 20%, < 1 s.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forgetting.py --seeds 0 1 2 3 4
+
+``--cache DIR`` keeps each seed's trained networks (torch.save) so a rerun skips training.
+Writes benchmarks/results/forgetting.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from koopnet.editing import forget_class
+from koopnet.io.artifacts import atomic_write_text, write_json
+from koopnet.io.datasets import yinyang_splits
+from koopnet.lab.protocols import environment, run_experiment
+from koopnet.lab.recipes import default_config
+from koopnet.models import build_mlp, train_classifier
+
+RESULTS = Path(__file__).parent / "results"
+METHODS = ("koopnet.forget_class", "logit mask", "gradient ascent", "retrain")
+
+
+class MaskLogit(nn.Module):
+    """A network whose class ``c`` logit is -inf: never predicted, features untouched."""
+
+    def __init__(self, net: nn.Module, c: int) -> None:
+        super().__init__()
+        self.net, self.c = net, c
+
+    def forward(self, x):
+        logits = self.net(x).clone()
+        logits[:, self.c] = -torch.inf
+        return logits
+
+
+def penultimate(net: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """The input of the network's last Linear layer. Shape: [n, features]."""
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    seen = []
+    hook = last.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    try:
+        with torch.no_grad():
+            net(X)
+    finally:
+        hook.remove()
+    return seen[0].to(torch.float64)
+
+
+def probe_recovery(net, data, c: int) -> float:
+    """Accuracy on class c (test) of a logistic probe fitted on the training features."""
+    F, Ft = penultimate(net, data.train.X), penultimate(net, data.test.X)
+    mu, sd = F.mean(0), F.std(0) + 1e-8
+    ones = torch.ones(len(F), 1, dtype=F.dtype)
+    A = torch.cat([(F - mu) / sd, ones], 1)
+    At = torch.cat([(Ft - mu) / sd, torch.ones(len(Ft), 1, dtype=F.dtype)], 1)
+    W = torch.zeros(A.shape[1], int(data.train.y.max()) + 1, dtype=F.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(A @ W, data.train.y) + 1e-4 * (W**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    mask = data.test.y == c
+    return float(((At[mask] @ W).argmax(1) == c).double().mean())
+
+
+def per_class(net, X, y, n_classes: int) -> list[float]:
+    with torch.no_grad():
+        predicted = net(X).argmax(1)
+    return [float((predicted[y == k] == k).double().mean()) for k in range(n_classes)]
+
+
+def gradient_ascent(model, data, c: int, steps: int = 100, lr: float = 1e-3):
+    model = copy.deepcopy(model).train()
+    X, y = data.train.X[data.train.y == c], data.train.y[data.train.y == c]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        with torch.no_grad():
+            if float((model(X).argmax(1) == c).double().mean()) <= 0.05:
+                break
+        opt.zero_grad()
+        (-nn.functional.cross_entropy(model(X), y)).backward()
+        opt.step()
+    return model.eval()
+
+
+def retrain(config, data, c: int, attempts: int = 3):
+    """As the protocol trains its base network (``train_base``): a run stuck below 95%
+    training accuracy restarts with a fresh seed, and the best of at most 3 is kept."""
+    keep = data.train.y != c
+    X, y = data.train.X[keep], data.train.y[keep]
+    best, best_acc = None, -1.0
+    for attempt in range(attempts):
+        torch.manual_seed(config.seed + 7919 * attempt)
+        model = build_mlp(config.widths, config.activation)
+        train_classifier(model, X, y, config.base, seed=config.seed + attempt)
+        with torch.no_grad():
+            train_acc = float((model(X).argmax(1) == y).double().mean())
+        if train_acc > best_acc:
+            best, best_acc = model, train_acc
+        if train_acc >= 0.95:
+            break
+    return best.eval()
+
+
+def experiment(seed: int, cache: Path | None):
+    path = cache / f"yinyang3_seed{seed}.pt" if cache else None
+    if path is not None and path.exists():
+        return torch.load(path, weights_only=False)
+    results, figures = run_experiment(default_config("yinyang3", seed=seed), progress=False)
+    layer = results["selected"]["layer"]
+    kept = {"model": figures["model"], "hybrid": figures["layers"][layer]["fit"][1],
+            "selected": results["selected"], "config": default_config("yinyang3", seed=seed)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(kept, path)
+    return kept
+
+
+def run_seed(seed: int, c: int, data, cache) -> list[dict]:
+    run = experiment(seed, cache)
+    model, hybrid, config = run["model"], run["hybrid"], run["config"]
+    n = data.n_classes
+    references = {"hybrid": per_class(hybrid, data.test.X, data.test.y, n),
+                  "model": per_class(model, data.test.X, data.test.y, n)}
+    makers = {
+        "koopnet.forget_class": ("hybrid", lambda: forget_class(hybrid, c, data.train.X,
+                                                                data.train.y)),
+        "logit mask": ("hybrid", lambda: MaskLogit(hybrid, c)),
+        "gradient ascent": ("model", lambda: gradient_ascent(model, data, c)),
+        "retrain": ("model", lambda: retrain(config, data, c)),
+    }
+    rows = []
+    for method, (source, make) in makers.items():
+        clock = time.perf_counter()
+        net = make()
+        seconds = time.perf_counter() - clock
+        accs = per_class(net, data.test.X, data.test.y, n)
+        kept = [k for k in range(n) if k != c]
+        rows.append({
+            "seed": seed, "class": c, "method": method, "source": source,
+            "layer": run["selected"]["layer"], "n_delays": run["selected"]["n_delays"],
+            "forgotten_accuracy": accs[c],
+            "kept_accuracy": {str(k): accs[k] for k in kept},
+            "kept_retention": {str(k): accs[k] / references[source][k] for k in kept},
+            "reference_accuracy": references[source],
+            "probe_recovery": probe_recovery(net, data, c), "seconds": seconds})
+        print(f"seed {seed} class {c} {method:22s} acc {[round(a, 3) for a in accs]} "
+              f"probe {rows[-1]['probe_recovery']:.3f} {seconds:.2f} s", flush=True)
+    return rows
+
+
+def _ms(values) -> str:
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for c, method in [(c, m) for c in sorted({r["class"] for r in rows}) for m in METHODS]:
+        mine = [r for r in rows if r["method"] == method and r["class"] == c]
+        meets = {
+            "forgotten<=5%": sum(r["forgotten_accuracy"] <= 0.05 for r in mine),
+            "kept>=98%": sum(min(r["kept_retention"].values()) >= 0.98 for r in mine),
+            "probe<=20%": sum(r["probe_recovery"] <= 0.20 for r in mine),
+            "time<1s": sum(r["seconds"] < 1.0 for r in mine),
+        }
+        out.append({"method": method, "class": c, "runs": len(mine), "meets": meets,
+                    "forgotten": _ms(100 * r["forgotten_accuracy"] for r in mine),
+                    "kept_min_retention": _ms(100 * min(r["kept_retention"].values())
+                                              for r in mine),
+                    "kept": {k: _ms(100 * r["kept_accuracy"][k] for r in mine)
+                             for k in mine[0]["kept_accuracy"]},
+                    "probe": _ms(100 * r["probe_recovery"] for r in mine),
+                    "seconds": _ms(r["seconds"] for r in mine)})
+    return out
+
+
+def markdown(summary: list[dict], args, classes) -> str:
+    lines = [f"# Forgetting a class of 3-class Yin-Yang (seeds {args.seeds}, classes {classes})",
+             "", "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forgetting.py "
+             f"--seeds {' '.join(map(str, args.seeds))} --classes "
+             f"{' '.join(map(str, classes))}"
+             + (f" --cache {args.cache}" if args.cache else "")
+             + "` (2 shared CPU cores, 1 BLAS thread; the networks come from "
+             "`run_experiment(default_config('yinyang3', seed=s))`, the hybrid of the selected "
+             "layer).", "",
+             "Test-set accuracy in %, mean ± sd over seeds. 'kept retention'"
+             " is the worst kept class's accuracy relative to the unedited network it came "
+             "from. 'meets' counts the runs meeting each criterion of issue 13.", "",
+             "| class | method | forgotten class | kept classes | worst kept retention | probe on "
+             "forgotten | seconds | meets (of runs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        kept = ", ".join(f"{k}: {v}" for k, v in s["kept"].items())
+        meets = ", ".join(f"{k} {v}/{s['runs']}" for k, v in s["meets"].items())
+        lines.append(f"| {s['class']} | {s['method']} | {s['forgotten']} | {kept} | "
+                     f"{s['kept_min_retention']} | {s['probe']} | {s['seconds']} | {meets} |")
+    lines += ["", "Runs meeting each criterion, all forgotten classes together:", ""]
+    for method in METHODS:
+        mine = [x for x in summary if x["method"] == method]
+        runs = sum(x["runs"] for x in mine)
+        meets = ", ".join(f"{k} {sum(x['meets'][k] for x in mine)}/{runs}"
+                          for k in mine[0]["meets"])
+        lines.append(f"- {method}: {meets}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--classes", type=int, nargs="+", default=[2])
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "forgetting")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = yinyang_splits("yinyang3")
+    rows = []
+    for seed in args.seeds:
+        for c in args.classes:
+            rows += run_seed(seed, c, data, args.cache)
+    summary = summarise(rows)
+    write_json(args.out.with_suffix(".json"),
+               {"seeds": args.seeds, "classes": args.classes, "summary": summary,
+                "rows": rows, "environment": environment()})
+    atomic_write_text(args.out.with_suffix(".md"), markdown(summary, args, args.classes))
+    print(markdown(summary, args, args.classes))
+
+
+if __name__ == "__main__":
+    main()
