@@ -24,6 +24,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     args.seed = 0 if args.seed is None else args.seed
     if args.dataset == "resmlp-mnist":
         return _reproduce_depth(args, seed_given)
+    if args.dataset == "vit-mnist":
+        return _reproduce_vit(args, seed_given)
     if args.seeds is not None:
         raise ValueError(f"--seeds applies to resmlp-mnist only; for {args.dataset} pass one "
                          "--seed per run.")
@@ -72,6 +74,34 @@ def _reproduce_depth(args: argparse.Namespace, seed_given: bool) -> int:
     summary = {f"{r['method']} x{r['span']}": round(r["test_mean"], 2)
                for r in results["summary"]}
     print(json.dumps({"out": str(out), "seeds": list(config.seeds), "test": summary}))
+    return 0
+
+
+def _reproduce_vit(args: argparse.Namespace, seed_given: bool) -> int:
+    """``koopnet reproduce vit-mnist``: a small ViT, its last blocks replaced along depth."""
+    from koopnet.lab.vit_run import run_vit, vit_config, write_vit_run
+
+    if args.protocol != "clean":
+        raise ValueError(f"--protocol {args.protocol} does not apply to vit-mnist (it has only "
+                         "the clean protocol); leave --protocol out.")
+    if seed_given and args.seeds is not None:
+        raise ValueError("pass either --seed S (one seed) or --seeds 0,1,2, not both.")
+    seeds = (args.seed,) if seed_given else None
+    if args.seeds is not None:
+        try:
+            seeds = tuple(int(part) for part in args.seeds.split(","))
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers such "
+                             "as 0,1,2.") from None
+    config = vit_config(seeds=seeds, quick=args.quick, data_dir=args.data_dir)
+    out = check_output_dir(args.out, force=args.force)
+    log.info("reproducing vit-mnist (seeds %s) into %s", list(config.seeds), out)
+    results = run_vit(config)
+    with staged_folder(out, force=args.force) as stage:
+        write_vit_run(stage, results, pdf=args.pdf)
+    print(json.dumps({"out": str(out), "seeds": list(config.seeds),
+                      "original_test": [o["test_accuracy"] for o in results["original"]],
+                      "acceptance": results["acceptance"]}))
     return 0
 
 
@@ -267,12 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="run the paper's experiment end to end")
-    rep.add_argument("dataset", help="yinyang, yinyang3, mnist, idx:PATH or resmlp-mnist "
-                                     "(a residual MLP's blocks replaced along depth)")
+    rep.add_argument("dataset", help="yinyang, yinyang3, mnist, idx:PATH, resmlp-mnist or "
+                                     "vit-mnist (a residual MLP's or a ViT's blocks replaced "
+                                     "along depth)")
     rep.add_argument("--protocol", choices=["clean", "paper"], default="clean")
     rep.add_argument("--quick", action="store_true", help="tiny smoke-test version")
-    rep.add_argument("--seeds", help="resmlp-mnist: comma-separated seeds (default 0,1,2; "
-                                     "--quick: 0)")
+    rep.add_argument("--seeds", help="resmlp-mnist, vit-mnist: comma-separated seeds "
+                                     "(default resmlp-mnist 0,1,2, vit-mnist 0; --quick: 0)")
     _add_common(rep, pdf=True)
     rep.set_defaults(func=cmd_reproduce, seed=None)
 
