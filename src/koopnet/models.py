@@ -7,6 +7,7 @@ Linear at Sequential index 2(k-1) followed by its activation at index s = 2k-1.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from koopnet._checks import check_int
+from koopnet._checks import check_choice, check_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -140,6 +141,34 @@ class TrainConfig:
     # stop early once the epoch-mean loss has not improved (relatively, by plateau_threshold)
     # for this many epochs; None trains every epoch
     stop_patience: int | None = None
+    # a fixed per-batch learning-rate schedule over all ``epochs``: "cosine" decays lr to 0,
+    # "onecycle" warms up for 10% of the steps then decays (torch's OneCycleLR, which also
+    # cycles beta1); None keeps lr constant (or the plateau rule), as every paper recipe does
+    schedule: str | None = None
+    label_smoothing: float = 0.0  # train_classifier's cross-entropy; 0 is plain cross-entropy
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:
+            check_choice(self.schedule, "schedule", SCHEDULES)
+            if self.plateau_patience is not None:
+                raise ValueError(f"schedule={self.schedule!r} and plateau_patience="
+                                 f"{self.plateau_patience} both set the learning rate; pass "
+                                 "plateau_patience=None with a schedule.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1); "
+                             "pass 0 for plain cross-entropy.")
+
+
+SCHEDULES = ("cosine", "onecycle")
+
+
+def _batch_schedule(optimizer, config: TrainConfig, steps: int):
+    """The per-batch scheduler of ``config.schedule`` over ``steps`` optimiser steps."""
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr,
+                                                   total_steps=steps, pct_start=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)))
 
 
 def fit_minibatch(
@@ -168,6 +197,10 @@ def fit_minibatch(
             optimizer, factor=0.5, patience=config.plateau_patience,
             threshold=config.plateau_threshold)
     n = len(inputs)
+    batch_scheduler = None
+    if config.schedule is not None:
+        steps = max(1, config.epochs * math.ceil(n / config.batch_size))
+        batch_scheduler = _batch_schedule(optimizer, config, steps)
     history: list[float] = []
     best, since_best = float("inf"), 0
     module.train()
@@ -181,6 +214,8 @@ def fit_minibatch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if batch_scheduler is not None:
+                batch_scheduler.step()
             total += loss.item() * len(idx)
         history.append(total / n)
         if scheduler is not None:
@@ -198,9 +233,14 @@ def train_classifier(model: nn.Module, X: torch.Tensor, y: torch.Tensor,
                      config: TrainConfig | None = None, *, seed: int = 0,
                      progress: bool = False) -> list[float]:
     """Cross-entropy training of ``model`` in place. Shape: X [n, features], y [n] int64."""
-    return fit_minibatch(model, nn.functional.cross_entropy, X, y, config or TrainConfig(),
-                         seed=seed,
-                         progress=progress, desc="base model")
+    config = config or TrainConfig()
+    loss_fn = nn.functional.cross_entropy
+    if config.label_smoothing:
+        def loss_fn(logits, target):
+            return nn.functional.cross_entropy(logits, target,
+                                               label_smoothing=config.label_smoothing)
+    return fit_minibatch(model, loss_fn, X, y, config, seed=seed, progress=progress,
+                         desc="base model")
 
 
 @torch.no_grad()

@@ -32,6 +32,13 @@ CLEAN_YINYANG_BASE = dataclasses.replace(YINYANG_RECIPE, epochs=1500, lr=1e-2)
 #: Clean MNIST scaling: regressing fixed targets, a 20k subset and 30 epochs of batch 1024
 #: reach the 0.5-point agreement tolerance on the training split within the time budget.
 CLEAN_MNIST_SCALING = dataclasses.replace(MNIST_SCALING, epochs=30, batch_size=1024)
+#: Clean MNIST base model (the same 784-256-128-64-32-10 MLP as the paper's): AdamW with a
+#: one-cycle schedule (peak lr 2e-3, 10% warm-up) instead of the paper's large-batch plateau
+#: recipe. Chosen on the seed-0 validation split among the candidates of
+#: benchmarks/mnist_clean_recipe.py (results in benchmarks/results/mnist_clean_recipe.md); test
+#: was scored only for the chosen one.
+CLEAN_MNIST_BASE = TrainConfig(epochs=20, batch_size=256, lr=2e-3, weight_decay=5e-2,
+                               schedule="onecycle")
 
 #: Residual MLP on MNIST (``koopnet reproduce resmlp-mnist``): AdamW, batch 256, a one-cycle
 #: cosine schedule peaking at lr 2e-3 (see ``koopnet.lab.residual.train_residual``); the peak
@@ -131,7 +138,8 @@ def _idx_defaults(config: ExperimentConfig, quick: bool) -> ExperimentConfig:
     """MNIST-size budgets: the clean run must finish in 30 minutes on 2 cores.
 
     The paper protocol keeps the paper's recipes (base: AdamW lr 1e-2, 30 epochs; scaling: 100
-    epochs on all 60k) and its grid (rank 500, M in {1, 10, 50, 500}, h = 1..10).
+    epochs on all 60k) and its grid (rank 500, M in {1, 10, 50, 500}, h = 1..10); the clean
+    protocol trains the base model with ``CLEAN_MNIST_BASE``.
     """
     r = dataclasses.replace
     if config.protocol == "paper":
@@ -140,7 +148,8 @@ def _idx_defaults(config: ExperimentConfig, quick: bool) -> ExperimentConfig:
         # Layer 1's inserts cost 10 x 256^2 MACs per sample, the bulk of a run: a 20k subset
         # for scaling, the constant observable and a short rank/Tikhonov list keep the sweep to
         # 15 fits per (layer, h); rank=500/200 rows exist only where D = W (h + 1) + 1 allows.
-        config = r(config, scaling=CLEAN_MNIST_SCALING, scaling_subset=20000, constants=(True,),
+        config = r(config, base=CLEAN_MNIST_BASE, scaling=CLEAN_MNIST_SCALING,
+                   scaling_subset=20000, constants=(True,),
                    ranks=(None, 0.9999, 0.999, 500, 200), tikhonovs=(0.0, 1e-6, 1e-4))
     if quick:
         config = r(config, train_subset=5000, scaling_subset=None, layers=config.layers[-1:],
