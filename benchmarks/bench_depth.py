@@ -1,0 +1,123 @@
+"""Throughput of the original residual MLP and ViT against their depth hybrids (issue 12).
+
+For every number k of replaced last blocks, a :class:`koopnet.DepthHybrid` (no delays: the
+state entering the span is mapped straight to the state leaving it) is fitted on random
+inputs and timed against the original on the same batch, in one process with 1 thread,
+alternating original and hybrid so that load from other jobs hits both alike. Speed does not
+depend on the weights, so the models are freshly initialised. The ViT gets both views: one
+64x64-sized map per token (per position) and one 1088x1088-sized map over the flattened state.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_depth.py [--batches 8,256] [--repeats 30]
+
+writes benchmarks/results/bench_depth.{json,md}. Two batch sizes, because on this sandbox a
+forward pass of batch 256 can be dominated by the cost of fresh memory pages for its
+intermediate tensors (the residual MLP's embed -> block -> block chain measured several times
+the sum of its parts timed alone), which is not arithmetic and favours whichever model
+allocates less; batch 8 keeps every tensor small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from koopnet import linearize_depth
+from koopnet.lab.residual import ResidualMLP
+from koopnet.lab.vit import ViT
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _time(model, X, repeats: int) -> list[float]:
+    with torch.no_grad():
+        model(X)  # warm-up
+        out = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(X)
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def bench(name, model, views, X, fit_X, repeats: int) -> list[dict]:
+    names = [f"blocks.{i}" for i in range(len(model.blocks))]
+    rows = []
+    for k in range(1, len(names) + 1):
+        for per_position in views:
+            hybrid = linearize_depth(model, names[len(names) - k:], fit_X, n_delays=0,
+                                     per_position=per_position)
+            orig, hyb = [], []
+            for _ in range(repeats):  # interleaved: original, hybrid, original, ...
+                orig += _time(model, X, 1)
+                hyb += _time(hybrid, X, 1)
+            # the fastest pass is the one least disturbed by the other jobs on the machine
+            t_orig, t_hyb = min(orig), min(hyb)
+            rows.append({"model": name, "batch": len(X), "replaced": k, "of": len(names),
+                         "view": "per position" if per_position else "flattened",
+                         "original_ms": 1e3 * t_orig, "hybrid_ms": 1e3 * t_hyb,
+                         "original_per_s": len(X) / t_orig, "hybrid_per_s": len(X) / t_hyb,
+                         "speedup": t_orig / t_hyb,
+                         "median_speedup": statistics.median(orig) / statistics.median(hyb)})
+            print(json.dumps(rows[-1]))
+    return rows
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    """bench_depth.md from the rows (``--render`` rebuilds it from bench_depth.json)."""
+    lines = ["# Depth hybrids: throughput against the original (1 thread, fastest of "
+             f"{meta['repeats']} interleaved passes)", "",
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_depth.py`. Random weights "
+             "(speed does not depend on them); hybrids without delays (k last blocks -> one "
+             "linear map). Read the batch-8 rows: at batch 256 the forward passes on this "
+             "sandbox are bimodal (fresh pages for intermediate tensors cost more than the "
+             "arithmetic; fastest and median ratios disagree), so those rows do not measure "
+             "the models.", "",
+             "| model | batch | replaced | view | original (ms) | hybrid (ms) | speed-up | "
+             "speed-up (medians) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['replaced']}/{r['of']} | "
+                     f"{r['view']} | {r['original_ms']:.2f} | {r['hybrid_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x | {r['median_speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="8,256")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--render", action="store_true",
+                        help="only rebuild bench_depth.md from bench_depth.json")
+    args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS / "bench_depth.json").read_text())
+        (RESULTS / "bench_depth.md").write_text(render(saved["meta"], saved["rows"]))
+        return
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    fit_X = torch.randn(512, 784)
+    resmlp, vit = ResidualMLP(784, 256, 4).eval(), ViT().eval()
+    rows = []
+    for batch in batches:
+        X = torch.randn(batch, 784)
+        rows += bench("ResMLP 784-256 x4", resmlp, (False,), X, fit_X, args.repeats)
+        rows += bench("ViT 17x64 x6", vit, (True, False), X, fit_X, args.repeats)
+    meta = {"batches": batches, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "statistic": "fastest of interleaved single-batch forward passes (median "
+                                 "ratio beside it)",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "note": "2 shared cores, other jobs running"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_depth.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                         indent=1) + "\n")
+    (RESULTS / "bench_depth.md").write_text(render(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
