@@ -141,7 +141,9 @@ def render(result: dict) -> str:
            "steps, mean over seeds; penalty weights chosen per layer on validation. "
            "'depth' = linear depth at 0.5 point (largest number of linear steps whose "
            "validation-chosen row keeps test within 0.5 point of the original), per seed and "
-           "of the seed-mean frontier.", ""]
+           "of the seed-mean frontier. A weight is chosen only among grid points run on as "
+           "many seeds as the most complete one (a run stopped part way leaves the rest on "
+           "fewer seeds; see the last table).", ""]
     for layer in sorted({s["layer"] for s in result["summary"]}):
         rows = [s for s in result["summary"] if s["layer"] == layer]
         steps = sorted({int(k) for s in rows for k in s["frontier_test_mean"]})
