@@ -9,8 +9,9 @@ from koopnet.lab.protocols import select, sweep_layer
 from koopnet.models import accuracy
 from koopnet.scaling import ScalingSpec, scale_layer
 
-#: (label, spec) of each variant; penalty weights from benchmarks/scaling_variants.py (chosen
-#: there on validation), near-identity init so that every variant starts alike
+#: (label, spec) of each variant; the penalty weights are those benchmarks/scaling_variants.py
+#: ran on every seed (its smaller weights only partly ran); near-identity init so that every
+#: variant starts alike
 SCALING_VARIANTS = (
     ("plain", ScalingSpec()),
     ("step penalty", ScalingSpec(step_penalty=1e-2)),
