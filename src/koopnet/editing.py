@@ -1,29 +1,19 @@
 """Spectral editing of hybrids: remove or scale Koopman modes, project out a subspace, forget a
 class in closed form, and attribute each class's logits to the modes that carry them.
 
-Once a stretch of a network is one linear operator it can be edited like one. The fitted
-operator is A = Phi Lambda Phi^-1 (reduced coordinates, ``basis`` V [D, R]); an edit multiplies
-chosen eigenvalues by real factors c_i (c = 0 removes the mode), keeping complex-conjugate pairs
-together so the operator stays real. Every edit is exact on the whole roll-out: with the
-spectral edit E = I + Phi_S diag(c - 1) Phi^-1_S (which commutes with A) the m-step map becomes
-
-    linear_map' = linear_map V E^m V^T,
-
-because ``linear_map`` = readout L A^k V^T (L = V for the projected roll-out, the exact-DMD
-P for the exact one) always ends in V^T and V^T V = I. So an edit needs only the stored
-buffers (basis, operator, linear_map), works on a loaded hybrid, and equals re-rolling the
-edited operator (A E for the projected roll-out, and P E, A E for the exact one: K' = P E V^T).
-The edited ``operator`` buffer is A E; a DMD kept on the hybrid is edited the same way, so its
-``transition`` gives the edited map.
+The fitted operator is A = Phi Lambda Phi^-1 (reduced coordinates, ``basis`` V [D, R]). An edit
+multiplies chosen eigenvalues by real factors c_i (c = 0 removes the mode), complex-conjugate
+pairs together so the operator stays real. With E = I + Phi_S diag(c - 1) Phi^-1_S (it commutes
+with A) the m-step map becomes linear_map' = linear_map V E^m V^T, exactly: ``linear_map`` =
+readout L A^k V^T (L = V for the projected roll-out, the exact-DMD P for the exact one) ends in
+V^T and V^T V = I. So an edit needs only the stored buffers, works on a loaded hybrid, and
+equals re-rolling the edited operator (A E; for the exact roll-out also P E, i.e. K' = P E V^T).
+The ``operator`` buffer becomes A E and a DMD kept on the hybrid is edited alike.
 
 A subspace edit removes directions Q [D, k] of the lifted state before the roll-out
-(linear_map' = linear_map V Pi V^T, Pi = I - Q_r Q_r^T with Q_r = orthonormalised V^T Q): the
-operator never sees them. :func:`forget_class` builds such an edit from the training states of
-one class, in closed form (one least-squares solve, no gradient steps).
-
-All of it works for :class:`~koopnet.hybrid.KoopmanHybrid` and
-:class:`~koopnet.depth.DepthHybrid`; the input hybrid is never modified (the result is a deep
-copy) and is saved and loaded like any hybrid of its kind.
+(linear_map' = linear_map V Pi V^T, Pi = I - Q_r Q_r^T, Q_r = orthonormalised V^T Q).
+:func:`forget_class` edits the roll-out's starting state by weighted least squares. Everything
+works for KoopmanHybrid and DepthHybrid; the input is never modified (results are deep copies).
 """
 
 from __future__ import annotations
@@ -35,7 +25,6 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from koopnet._checks import as_tensor, check_float, check_int
-from koopnet.depth import DepthHybrid
 from koopnet.dmd import PairStatistics
 from koopnet.hybrid import KoopmanHybrid
 
@@ -48,11 +37,13 @@ _REAL_TOL = 1e-9
 _RESIDUE_TOL = 1e-8
 
 
-# ----------------------------------------------------------------------------- the buffers
+def _is_depth(hybrid) -> bool:
+    """A :class:`koopnet.depth.DepthHybrid` (recognised by its parts: depth sits a floor up)."""
+    return type(hybrid).__name__ == "DepthHybrid" and hasattr(hybrid, "_predict")
 
 
 def _check_hybrid(hybrid) -> None:
-    if not isinstance(hybrid, (KoopmanHybrid, DepthHybrid)):
+    if not (isinstance(hybrid, KoopmanHybrid) or _is_depth(hybrid)):
         raise TypeError(f"hybrid must be a koopnet KoopmanHybrid or DepthHybrid; got "
                         f"{type(hybrid).__name__}. Fit one with koopnet.linearize or "
                         "koopnet.linearize_depth.")
@@ -94,9 +85,6 @@ def _with_buffers(hybrid, operator: torch.Tensor, linear_map: torch.Tensor,
         dmd = new.dmd_ = copy.copy(dmd)
         dmd.operator_, dmd._eig = operator.to(dmd.dtype), None
     return new
-
-
-# ----------------------------------------------------------------------------- the spectrum
 
 
 def spectrum(hybrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,26 +142,17 @@ def near_frequency(theta: float, tol: float) -> Callable[[torch.Tensor], torch.T
     return lambda lam: (lam.angle().abs() - theta).abs() <= tol
 
 
-# ----------------------------------------------------------------------------- editing
-
-
 def _indices(value, name: str, n_modes: int) -> list[int]:
-    if isinstance(value, (int, torch.Tensor)) and not isinstance(value, bool) \
-            and (not isinstance(value, torch.Tensor) or value.ndim == 0):
-        value = [int(value)]
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = value.tolist() if isinstance(value, torch.Tensor) else value
+    value = [value] if isinstance(value, int) else value
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}={value!r} must be a mode index or a list of them "
                         f"(0..{n_modes - 1}).")
-    out = []
-    for index in value:
-        index = check_int(index, f"{name} index", low=-n_modes, high=n_modes - 1)
-        out.append(index % n_modes)
-    return out
+    return [check_int(i, f"{name} index", low=-n_modes, high=n_modes - 1) % n_modes
+            for i in value]
 
 
-def _factors(hybrid, remove, scale, where, n_modes, eigenvalues) -> dict[int, float]:
+def _factors(remove, scale, where, n_modes, eigenvalues) -> dict[int, float]:
     factors: dict[int, float] = {}
     if remove is not None:
         factors.update(dict.fromkeys(_indices(remove, "remove", n_modes), 0.0))
@@ -222,18 +201,10 @@ def edit_modes(hybrid, *, remove=None, scale: Mapping | None = None,
     """A new hybrid with chosen eigenmodes of the operator removed or scaled, or a subspace of
     the lifted state projected out; ``hybrid`` itself is left untouched.
 
-    Parameters
-    ----------
-    hybrid : KoopmanHybrid or DepthHybrid
-    remove : int or list of int, optional
-        Mode indices (in the order of :func:`spectrum`) whose eigenvalue is set to 0.
-    scale : mapping, optional
-        ``{index: c}``: lambda_i -> c lambda_i (c real).
-    where : callable, optional
-        Region of the complex plane whose modes are removed: ``where(eigenvalues) -> mask``,
-        e.g. :func:`abs_below` or :func:`near_frequency`.
-    subspace : Tensor, optional
-        Directions Q [D, k] of the lifted state removed before the roll-out.
+    ``remove``: mode indices (the order of :func:`spectrum`) set to 0; ``scale``: ``{index:
+    c}``, lambda_i -> c lambda_i (c real); ``where``: a region whose modes are removed,
+    ``where(eigenvalues) -> mask`` (e.g. :func:`abs_below`, :func:`near_frequency`);
+    ``subspace``: directions Q [D, k] of the lifted state removed before the roll-out.
 
     A mode of a complex-conjugate pair takes its partner along. Nothing chosen returns an exact
     copy. Shape: the result maps inputs to logits as ``hybrid`` does.
@@ -248,7 +219,7 @@ def edit_modes(hybrid, *, remove=None, scale: Mapping | None = None,
     if subspace is not None:
         return _project_out(hybrid, basis, operator, linear_map, subspace)
     eigenvalues, right, left = spectrum(hybrid)
-    factors = _factors(hybrid, remove, scale, where, len(eigenvalues), eigenvalues)
+    factors = _factors(remove, scale, where, len(eigenvalues), eigenvalues)
     if not factors:
         return copy.deepcopy(hybrid)
     chosen = sorted(factors)
@@ -277,9 +248,6 @@ def _project_out(hybrid, basis, operator, linear_map, subspace):
     projector = torch.eye(len(operator), dtype=torch.float64) - Qr @ Qr.T
     new_map = linear_map @ basis @ projector @ basis.T
     return _with_buffers(hybrid, operator @ projector, new_map, projector)
-
-
-# ----------------------------------------------------------------------------- diagnosis
 
 
 def _lifted(hybrid, X: torch.Tensor) -> torch.Tensor:
@@ -324,16 +292,12 @@ def resdmd_residuals(hybrid, stats: PairStatistics) -> torch.Tensor:
 
 def mode_attribution(hybrid: KoopmanHybrid, X, y, *, stats: PairStatistics | None = None
                      ) -> dict:
-    """What each mode does to each class, measured through the tail on (X, y).
+    """What each mode does to each class, measured through the tail on (X, y): each mode (a
+    conjugate pair as one) is removed as :func:`edit_modes` does and the data re-scored.
 
-    For every mode (a conjugate pair counts as one removal) the mode is removed with
-    :func:`edit_modes` and the data re-scored: ``logit_drop[i, c]`` is the drop of class c's
-    mean logit over the samples of class c, ``accuracy_drop[i, c]`` the drop of class c's
-    accuracy. With ``stats`` (held-out lifted pairs) ``residual`` holds each mode's ResDMD
-    residual (:func:`resdmd_residuals`), else NaN.
-
-    Returns a dict of tensors: ``eigenvalues`` [R] complex, ``group`` [R] (the index of the
-    first mode of its pair), ``logit_drop`` [R, C], ``accuracy_drop`` [R, C], ``residual`` [R],
+    Returns tensors: ``eigenvalues`` [R] complex; ``group`` [R] (first index of its pair);
+    ``logit_drop`` [R, C] (drop of class c's mean logit over its samples); ``accuracy_drop``
+    [R, C]; ``residual`` [R] (ResDMD residual on ``stats``, held-out lifted pairs, else NaN);
     ``base_accuracy`` [C].
     """
     X = as_tensor(X, "X")
@@ -384,28 +348,20 @@ def _per_class(logits: torch.Tensor, y: torch.Tensor, n_classes: int):
     return mean_logit, acc
 
 
-# ----------------------------------------------------------------------------- forgetting
-
-
 def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *, weight: float = 10.0,
                  rounds: int = 4, ridge: float = 1e-8) -> KoopmanHybrid:
-    """A new hybrid edited in closed form (no gradient steps) so that it stops predicting
-    class ``class_index``; ``hybrid`` is left untouched.
+    """A new hybrid edited in closed form (no gradient steps) to stop predicting class
+    ``class_index``; ``hybrid`` is left untouched.
 
-    From the training data (X, y) it takes the lifted states g entering the roll-out and the
-    predicted states p = linear_map g. The kept classes' p are targets as they are; each
-    sample of the class is sent to the predicted state of its nearest kept sample (in
-    predicted-state space), i.e. to where a network that never knew the class would place it.
-    The edit is the weighted ridge least-squares change of the starting state of the roll-out,
-    z_0 = V^T g + B g (B [R, D]), that best reaches those targets: linear_map' = linear_map +
-    C B with C = linear_map V. Samples of the class count ``weight`` times; ``rounds`` - 1
-    re-weightings (x3 for a sample of the class still predicted as it, and for a kept sample
-    now misclassified) follow, each one more solve of a [D, D] system. The operator and the
-    basis are kept; the result holds no DMD (its map no longer equals the DMD's roll-out).
-
-    The edit is linear in g, so it hides the class only as far as the lifted states separate
-    it linearly; score the result on held-out data, and probe its features, before relying on
-    it. Shape: X [n, features], y [n] -> a hybrid with the same input and output shapes.
+    Targets on the training data (X, y): kept samples keep their predicted state p =
+    linear_map g; a sample of the class gets the p of its nearest kept sample (where a network
+    that never knew the class would put it). The edit is the weighted ridge least-squares change
+    of the roll-out's starting state, z_0 = V^T g + B g: linear_map' = linear_map + C B with C =
+    linear_map V. The class's samples count ``weight`` times; ``rounds`` - 1 re-weightings
+    (x3 for a class sample still predicted as it and a kept sample now wrong) follow, one [D, D]
+    solve each. Operator and basis are kept; the result holds no DMD. The edit is linear in g,
+    so it hides the class only as far as g separates it linearly: score the result on held-out
+    data, and probe its features, before relying on it. Shape: X [n, features], y [n].
     """
     if not isinstance(hybrid, KoopmanHybrid):
         raise TypeError(f"forget_class needs a KoopmanHybrid; got {type(hybrid).__name__}.")
