@@ -17,12 +17,11 @@ from koopnet.scaling import (
     DEFAULT_SCALING,
     ResidualBlock,
     ScalingSpec,
-    dmd_residual,
     make_inserts,
     scale_layer,
     split_mlp,
-    step_penalty,
 )
+from koopnet.scaling_penalties import dmd_residual, step_penalty
 from koopnet.trajectories import collect_trajectories
 
 FAST = dataclasses.replace(DEFAULT_SCALING, epochs=15)

@@ -41,8 +41,8 @@ def scaling_variant_rows(config, variants, model, layer: int, data, seed: int,
         extra = {"scaling_ok": report.ok, "spec": spec.to_dict(),
                  **{f"{split}_linear_depth": linear_depth(rows, original[split], split)
                     for split in ("val", "test")},
-                 "scaled_val_accuracy": accuracy(scaled, data.val.X, data.val.y),
-                 "scaled_test_accuracy": accuracy(scaled, data.test.X, data.test.y)}
+                 "val_scaled_accuracy": accuracy(scaled, data.val.X, data.val.y),
+                 "test_scaled_accuracy": accuracy(scaled, data.test.X, data.test.y)}
         out.append((label, best, extra))
     return out
 
