@@ -60,7 +60,7 @@ class LearnedObservable:
 
     >>> obs = LearnedObservable(1, latent_dims=2, n_steps=2).fit(torch.randn(4, 5, 3))
     >>> obs.transform(torch.randn(4, 5, 3)).shape
-    torch.Size([4, 4, 9])
+    torch.Size([4, 4, 8])
     """
 
     def __init__(self, n_delays: int = 0, *, latent_dims: int | None = None,
