@@ -33,6 +33,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "linearize": ("koopnet.linearization", "linearize"),
     "fit_hybrid": ("koopnet.linearization", "fit_hybrid"),
     **{name: ("koopnet.depth", name) for name in ("linearize_depth", "DepthHybrid")},
+    **{name: ("koopnet.editing", name)
+       for name in ("edit_modes", "mode_attribution", "forget_class", "abs_below",
+                    "near_frequency")},
+    "LearnedObservable": ("koopnet.learned", "LearnedObservable"),
+    "ScalingSpec": ("koopnet.scaling", "ScalingSpec"),
     **{name: ("koopnet.io.serialize", name)
        for name in ("save_model", "load_model", "load_model_files", "save_scaled", "load_scaled",
                     "save_hybrid", "load_hybrid")},
@@ -42,18 +47,25 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
     "DMD", "ArtifactError", "DataSplits", "DepthHybrid", "FitSpec", "KoopmanHybrid",
-    "NotFittedError", "ScaledMLP", "ScaledModel", "Split", "TimeDelay", "TrainConfig",
-    "Trajectories", "__version__", "accuracy", "build_mlp", "collect_trajectories", "fit_hybrid",
+    "LearnedObservable", "NotFittedError", "ScaledMLP", "ScaledModel", "ScalingSpec", "Split",
+    "TimeDelay", "TrainConfig", "Trajectories", "__version__", "abs_below", "accuracy",
+    "build_mlp", "collect_trajectories", "edit_modes", "fit_hybrid", "forget_class",
     "idx_splits", "linearize", "linearize_depth", "load_hybrid", "load_model", "load_model_files",
-    "load_scaled", "make_yinyang",
-    "save_hybrid", "save_model", "save_scaled", "scale_layer", "train_classifier",
-    "yinyang_splits",
+    "load_scaled", "make_yinyang", "mode_attribution", "near_frequency", "save_hybrid",
+    "save_model", "save_scaled", "scale_layer", "train_classifier", "yinyang_splits",
 ]
 
 if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet._checks import NotFittedError
     from koopnet.depth import DepthHybrid, linearize_depth
     from koopnet.dmd import DMD
+    from koopnet.editing import (
+        abs_below,
+        edit_modes,
+        forget_class,
+        mode_attribution,
+        near_frequency,
+    )
     from koopnet.hybrid import KoopmanHybrid
     from koopnet.io.artifacts import ArtifactError
     from koopnet.io.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
@@ -66,10 +78,11 @@ if TYPE_CHECKING:  # static analysers see the real objects
         save_model,
         save_scaled,
     )
+    from koopnet.learned import LearnedObservable
     from koopnet.linearization import fit_hybrid, linearize
     from koopnet.models import TrainConfig, accuracy, build_mlp, train_classifier
     from koopnet.observables import TimeDelay
-    from koopnet.scaling import ScaledMLP, scale_layer
+    from koopnet.scaling import ScaledMLP, ScalingSpec, scale_layer
     from koopnet.scaling import ScaledMLP as ScaledModel
     from koopnet.spec import FitSpec
     from koopnet.trajectories import Trajectories, collect_trajectories
