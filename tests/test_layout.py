@@ -67,3 +67,21 @@ def test_the_floors_are_real():
 def test_modules_stay_small(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"koopnet.{_name(path)} has {lines} lines (> {MAX_LINES})"
+
+
+def _code_lines(node: ast.FunctionDef) -> int:
+    """Lines of a function without its docstring (numpydoc docstrings are long on purpose)."""
+    lines = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+            and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+@pytest.mark.parametrize("path", _modules(), ids=_name)
+def test_functions_stay_short(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    long = [f"{n.name} ({_code_lines(n)} lines)" for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(n) > 60]
+    assert not long, f"koopnet.{_name(path)}: functions over 60 lines of code: {long}"
