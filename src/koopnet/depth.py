@@ -52,11 +52,11 @@ from koopnet.depth_states import (
     collect_depth_states,
     depth_runs,
     from_rows,
-    model_device,
     resolve_blocks,
     to_rows,
 )
 from koopnet.dmd import DMD
+from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.spec import FitSpec
 from koopnet.streaming import TrajectoryMoments

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_finite, check_int
+from koopnet.models import model_device, model_dtype
 
 __all__ = ["collect_depth_states", "from_rows", "resolve_blocks", "to_rows"]
 
@@ -23,17 +24,8 @@ _MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
 # ----------------------------------------------------------------------------- validation
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def resolve_blocks(model, blocks) -> list[str]:

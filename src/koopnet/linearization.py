@@ -36,7 +36,7 @@ from koopnet._checks import (
     check_width_preserving,
 )
 from koopnet.hybrid import KoopmanHybrid
-from koopnet.models import TrainConfig, check_layer, mlp_layout
+from koopnet.models import TrainConfig, check_layer, mlp_layout, model_device, model_dtype
 from koopnet.observables import snapshot_pairs
 from koopnet.scaling import DEFAULT_SCALING, ScaledMLP, scale_layer
 from koopnet.spec import FitSpec
@@ -50,19 +50,8 @@ log = logging.getLogger(__name__)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of a model's parameters (float32 for a model without any)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Where a model's parameters live (CPU for a model without any)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def check_inputs(data, labels=None, *, dtype=torch.float32, name: str = "data"):

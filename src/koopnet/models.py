@@ -97,6 +97,21 @@ def check_layer(model: nn.Module, layer) -> int:
     return layer
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters (float32 for a model without any)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's parameters (or buffers) live (CPU for a model without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def init_he(module: nn.Module) -> None:
     """He-normal weights (ReLU gain) and bias 0.01, the paper's initialisation."""
     if isinstance(module, nn.Linear):

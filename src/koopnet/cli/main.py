@@ -48,22 +48,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth_seeds(args: argparse.Namespace, seed_given: bool, name: str, default):
+    """The seeds of a depth reproduction: --seeds 0,1,2, else ``default``."""
+    if args.protocol != "clean":
+        raise ValueError(f"--protocol {args.protocol} does not apply to {name} (it has only "
+                         "the clean protocol); leave --protocol out.")
+    if seed_given and args.seeds is not None:
+        raise ValueError("pass either --seed S (one seed) or --seeds 0,1,2, not both.")
+    if args.seeds is None:
+        return default
+    try:
+        return tuple(int(part) for part in args.seeds.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers such "
+                         "as 0,1,2.") from None
+
+
 def _reproduce_depth(args: argparse.Namespace, seed_given: bool) -> int:
     """``koopnet reproduce resmlp-mnist``: residual MLP, its last blocks replaced along depth."""
     from koopnet.lab.residual_run import depth_config, run_depth, write_depth_run
 
-    if args.protocol != "clean":
-        raise ValueError(f"--protocol {args.protocol} does not apply to resmlp-mnist (it has "
-                         "only the clean protocol); leave --protocol out.")
-    if seed_given and args.seeds is not None:
-        raise ValueError("pass either --seed S (one seed) or --seeds 0,1,2, not both.")
-    seeds = None
-    if args.seeds is not None:
-        try:
-            seeds = tuple(int(part) for part in args.seeds.split(","))
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers such "
-                             "as 0,1,2.") from None
+    seeds = _depth_seeds(args, seed_given, "resmlp-mnist", default=None)
     config = depth_config(seed=args.seed if seed_given else None, seeds=seeds,
                           quick=args.quick, data_dir=args.data_dir)
     out = check_output_dir(args.out, force=args.force)
@@ -81,18 +86,8 @@ def _reproduce_vit(args: argparse.Namespace, seed_given: bool) -> int:
     """``koopnet reproduce vit-mnist``: a small ViT, its last blocks replaced along depth."""
     from koopnet.lab.vit_run import run_vit, vit_config, write_vit_run
 
-    if args.protocol != "clean":
-        raise ValueError(f"--protocol {args.protocol} does not apply to vit-mnist (it has only "
-                         "the clean protocol); leave --protocol out.")
-    if seed_given and args.seeds is not None:
-        raise ValueError("pass either --seed S (one seed) or --seeds 0,1,2, not both.")
-    seeds = (args.seed,) if seed_given else None
-    if args.seeds is not None:
-        try:
-            seeds = tuple(int(part) for part in args.seeds.split(","))
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r} must be comma-separated integers such "
-                             "as 0,1,2.") from None
+    seeds = _depth_seeds(args, seed_given, "vit-mnist",
+                         default=(args.seed,) if seed_given else None)
     config = vit_config(seeds=seeds, quick=args.quick, data_dir=args.data_dir)
     out = check_output_dir(args.out, force=args.force)
     log.info("reproducing vit-mnist (seeds %s) into %s", list(config.seeds), out)

@@ -101,22 +101,27 @@ def run_depth(config: DepthConfig) -> dict:
     """All seeds; returns the results.json dictionary (kind "depth")."""
     start = time.perf_counter()
     parts = [_run_seed(config, seed) for seed in config.seeds]
-    results = {
-        "kind": "depth", "schema": SCHEMA, "dataset": "mnist", "experiment": "resmlp-mnist",
-        "config": dataclasses.asdict(config),
-        "architecture": {"n_in": 784, "width": config.width, "n_blocks": config.n_blocks,
-                         "block": "x + Linear(GELU(Linear(LayerNorm(x))))",
-                         "head": "LayerNorm + Linear"},
-        "original": [p["original"] for p in parts],
-        "rows": [r for p in parts for r in p["rows"]],
-        "profile": [r for p in parts for r in p["profile"]],
-        "sweep": [r for p in parts for r in p["sweep"]],
-        "environment": {"koopnet": __version__, "torch": torch.__version__,
-                        "python": platform.python_version(),
-                        "seconds": time.perf_counter() - start},
-    }
+    architecture = {"n_in": 784, "width": config.width, "n_blocks": config.n_blocks,
+                    "block": "x + Linear(GELU(Linear(LayerNorm(x))))",
+                    "head": "LayerNorm + Linear"}
+    results = depth_results("resmlp-mnist", config, architecture, parts, start)
     results["summary"] = summarize(results)
     return results
+
+
+def depth_results(experiment: str, config, architecture: dict, parts: list[dict],
+                  start: float) -> dict:
+    """The results.json dictionary (kind "depth") of a depth reproduction's seeds."""
+    return {
+        "kind": "depth", "schema": SCHEMA, "dataset": "mnist", "experiment": experiment,
+        "config": dataclasses.asdict(config), "architecture": architecture,
+        "original": [p["original"] for p in parts],
+        **{key: [r for p in parts for r in p[key]] for key in ("rows", "profile", "sweep")},
+        "environment": {"koopnet": __version__, "torch": torch.__version__,
+                        "python": platform.python_version(),
+                        "threads": torch.get_num_threads(),
+                        "seconds": time.perf_counter() - start},
+    }
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -124,14 +129,14 @@ def _mean_sd(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarize(results: dict) -> list[dict]:
+def summarize(results: dict, methods=METHODS) -> list[dict]:
     """Mean and sd over seeds of test and validation accuracy per (span, method), in %,
     with the drop against the original network of the same seed."""
     base = {o["seed"]: o["test_accuracy"] for o in results["original"]}
     out = []
     spans = sorted({r["span"] for r in results["rows"]})
     for span in spans:
-        for method in METHODS:
+        for method in methods:
             rows = [r for r in results["rows"] if r["span"] == span and r["method"] == method]
             if not rows:
                 continue

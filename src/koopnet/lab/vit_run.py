@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from koopnet._version import __version__
 from koopnet.io.artifacts import atomic_write_text, write_json
 from koopnet.io.datasets import idx_splits
 from koopnet.lab import vit
 from koopnet.lab.residual import select
+from koopnet.lab.residual_run import depth_results, summarize
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -122,23 +121,11 @@ def run_vit(config: ViTConfig) -> dict:
     """All seeds; returns the results.json dictionary (kind "depth")."""
     start = time.perf_counter()
     parts = [run_seed(config, seed) for seed in config.seeds]
-    results = {
-        "kind": "depth", "schema": SCHEMA, "dataset": "mnist", "experiment": "vit-mnist",
-        "config": dataclasses.asdict(config),
-        "architecture": {"tokens": "16 patches of 7x7 + CLS", "width": config.width,
-                         "depth": config.depth, "heads": config.heads,
-                         "mlp_ratio": config.mlp_ratio,
-                         "block": "x + Attn(LN(x)); x + MLP(LN(x))",
-                         "head": "LayerNorm + Linear on the CLS token"},
-        "original": [p["original"] for p in parts],
-        "rows": [r for p in parts for r in p["rows"]],
-        "profile": [r for p in parts for r in p["profile"]],
-        "sweep": [r for p in parts for r in p["sweep"]],
-        "environment": {"koopnet": __version__, "torch": torch.__version__,
-                        "python": platform.python_version(),
-                        "threads": torch.get_num_threads(),
-                        "seconds": time.perf_counter() - start},
-    }
+    architecture = {"tokens": "16 patches of 7x7 + CLS", "width": config.width,
+                    "depth": config.depth, "heads": config.heads, "mlp_ratio": config.mlp_ratio,
+                    "block": "x + Attn(LN(x)); x + MLP(LN(x))",
+                    "head": "LayerNorm + Linear on the CLS token"}
+    results = depth_results("vit-mnist", config, architecture, parts, start)
     results["summary"] = summarize(results, METHODS)
     results["acceptance"] = acceptance(results)
     return results
@@ -147,27 +134,6 @@ def run_vit(config: ViTConfig) -> dict:
 def _mean_sd(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def summarize(results: dict, methods) -> list[dict]:
-    """Mean and sd over seeds of test and validation accuracy per (span, method), in %, with
-    the drop against the original network of the same seed (generic over method names)."""
-    base = {o["seed"]: o["test_accuracy"] for o in results["original"]}
-    out = []
-    for span in sorted({r["span"] for r in results["rows"]}):
-        for method in methods:
-            rows = [r for r in results["rows"] if r["span"] == span and r["method"] == method]
-            if not rows:
-                continue
-            test = _mean_sd([100 * r["test_accuracy"] for r in rows])
-            val = _mean_sd([100 * r["val_accuracy"] for r in rows])
-            drop = _mean_sd([100 * (base[r["seed"]] - r["test_accuracy"]) for r in rows])
-            out.append({"span": span, "method": method, "test_mean": test[0],
-                        "test_sd": test[1], "val_mean": val[0], "val_sd": val[1],
-                        "drop_mean": drop[0], "drop_sd": drop[1], "n_seeds": len(rows),
-                        "settings": [{k: r[k] for k in ("seed", "n_delays", "rank",
-                                                        "tikhonov", "ridge")} for r in rows]})
-    return out
 
 
 def acceptance(results: dict) -> list[dict]:
