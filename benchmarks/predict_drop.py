@@ -1,0 +1,142 @@
+"""How well do closed-form scores predict a hybrid's accuracy drop? (issue 13, item 4)
+
+For the clean Yin-Yang protocol (seeds 0, 1, 2; one full run per seed, reused), every layer and
+h = 0..10: the scores of ``koopnet.lab.predict.drop_scores`` (from the scaled network's train
+and validation trajectories only) and the measured drop (original validation accuracy minus the
+best validation row's accuracy at that layer and h, over rank, Tikhonov and constant). Reports
+Spearman's rho of each score against the drop over all layers x h x seeds, and which (layer, h)
+each score suggests for a 0.5-point tolerance (``rollout_min``: the roll-out error at the best
+of the sweep's Tikhonov values, as the sweep itself chooses among them): the threshold is
+calibrated on the other two seeds (leave one seed out) and the suggestion is the cell with the
+most linear steps under it.
+MNIST is not run here (a clean MNIST run takes far longer than this check's budget).
+
+    OMP_NUM_THREADS=1 python benchmarks/predict_drop.py
+
+Writes benchmarks/results/predict_drop.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from koopnet.lab import protocols
+from koopnet.lab.predict import calibrate, drop_scores, rank_correlation, suggest
+from koopnet.lab.recipes import default_config
+from koopnet.trajectories import collect_trajectories
+
+HERE = Path(__file__).resolve().parent
+SEEDS = (0, 1, 2)
+TOLERANCE = 0.005
+SCORES = ("unexplained", "residual", "rollout", "rollout_min")
+
+
+def run_seed(seed: int) -> list[dict]:
+    """One clean run; one cell per (layer, h) with its scores and measured drop."""
+    config = default_config("yinyang", seed=seed)
+    seen = {}
+    real = protocols.load_protocol_data
+
+    def keep(config):
+        seen["data"] = real(config)
+        return seen["data"]
+
+    protocols.load_protocol_data = keep
+    try:
+        results, figures = protocols.run_experiment(config, progress=False)
+    finally:
+        protocols.load_protocol_data = real
+    data, original = seen["data"], results["original"]["val_accuracy"]
+    cells = []
+    for layer, entry in figures["layers"].items():
+        scaled = entry["scaled"]
+        train = collect_trajectories(scaled, data.trajectories.X).states
+        val = collect_trajectories(scaled, data.val.X).states
+        for h in config.delays:
+            rows = [r for r in results["sweep"] if r["layer"] == layer and r["n_delays"] == h]
+            if not rows:
+                continue
+            best = protocols.select(rows)
+            clock = time.perf_counter()
+            scores = drop_scores(train, val, h, out_width=scaled.out_width)
+            # the sweep picks among Tikhonov values; so can the roll-out score (still closed form)
+            scores["rollout_min"] = min(
+                drop_scores(train, val, h, tikhonov=t, out_width=scaled.out_width)["rollout"]
+                for t in config.tikhonovs)
+            cells.append({"seed": seed, "layer": layer, "h": h, **scores,
+                          "score_time_s": time.perf_counter() - clock,
+                          "val_accuracy": best["val_accuracy"],
+                          "test_accuracy": best["test_accuracy"],
+                          "drop": original - best["val_accuracy"]})
+    return cells
+
+
+def suggestions(cells: list[dict]) -> list[dict]:
+    """Per score and seed: the leave-one-seed-out suggestion and its validated drop."""
+    out = []
+    for score in SCORES:
+        for seed in SEEDS:
+            own = [c for c in cells if c["seed"] == seed]
+            others = [c for c in cells if c["seed"] != seed]
+            threshold = calibrate(others, score, TOLERANCE)
+            pick = suggest(own, score, threshold)
+            within = [c for c in own if c["drop"] <= TOLERANCE]
+            oracle = min(within, key=lambda c: (c["h"], c["drop"])) if within else None
+            out.append({"score": score, "seed": seed, "threshold": threshold,
+                        "layer": pick["layer"], "h": pick["h"], "drop": pick["drop"],
+                        "within": pick["drop"] <= TOLERANCE,
+                        "oracle_layer": oracle and oracle["layer"],
+                        "oracle_h": oracle and oracle["h"]})
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Predicting the accuracy drop (clean Yin-Yang, seeds 0-2)", "",
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/predict_drop.py` "
+             f"(commit {report['commit']}, {report['elapsed_s']:.0f} s).", "",
+             "Spearman rho of each score (higher = worse) against the measured validation drop "
+             f"over {report['n_cells']} cells (layers x h x seeds):", "",
+             "| score | rho (all) | rho per layer (mean) |", "|---|---|---|"]
+    for score in SCORES:
+        per = report["rho_per_layer"][score]
+        mean = sum(per.values()) / len(per)
+        lines.append(f"| {score} | {report['rho'][score]:.3f} | {mean:.3f} |")
+    lines += ["", "Suggestion for a 0.5-point tolerance (threshold calibrated on the other two "
+              "seeds; most linear steps under it). Oracle: smallest h within tolerance.", "",
+              "| score | seed | layer | h | validated drop | within | oracle layer, h |",
+              "|---|---|---|---|---|---|---|"]
+    for s in report["suggestions"]:
+        lines.append(f"| {s['score']} | {s['seed']} | {s['layer']} | {s['h']} | "
+                     f"{100 * s['drop']:.2f} pt | {s['within']} | "
+                     f"{s['oracle_layer']}, {s['oracle_h']} |")
+    lines += ["", "MNIST: not run (out of this check's time budget).", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    clock = time.perf_counter()
+    cells = [c for seed in SEEDS for c in run_seed(seed)]
+    drops = [c["drop"] for c in cells]
+    layers = sorted({c["layer"] for c in cells})
+    report = {
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                 capture_output=True, text=True).stdout.strip(),
+        "seeds": list(SEEDS), "tolerance": TOLERANCE, "n_cells": len(cells),
+        "rho": {s: rank_correlation([c[s] for c in cells], drops) for s in SCORES},
+        "rho_per_layer": {s: {layer: rank_correlation(
+            [c[s] for c in cells if c["layer"] == layer],
+            [c["drop"] for c in cells if c["layer"] == layer]) for layer in layers}
+            for s in SCORES},
+        "suggestions": suggestions(cells), "cells": cells,
+        "elapsed_s": time.perf_counter() - clock}
+    out = HERE / "results"
+    (out / "predict_drop.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "predict_drop.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
