@@ -124,7 +124,23 @@ def depth_results(experiment: str, config, architecture: dict, parts: list[dict]
     }
 
 
-def _mean_sd(values) -> tuple[float, float]:
+def summary_table(summary: list[dict]) -> list[str]:
+    """The report's accuracy-against-replaced-blocks table (drop > 0: accuracy lost)."""
+    lines = ["## Test accuracy (%) against the number of replaced last blocks", "",
+             "| replaced | method | test | drop vs original | val | settings (per seed) |",
+             "|---:|---|---:|---:|---:|---|"]
+    for s in summary:
+        settings = "; ".join(
+            f"delays={x['n_delays']}, rank={x['rank']}, tik={x['tikhonov']}"
+            if "DMD" in s["method"] else (f"λ={x['ridge']}" if x["ridge"] else "-")
+            for x in s["settings"])
+        lines.append(f"| {s['span']} | {s['method']} | {s['test_mean']:.2f} ± "
+                     f"{s['test_sd']:.2f} | {s['drop_mean']:+.2f} ± {s['drop_sd']:.2f} | "
+                     f"{s['val_mean']:.2f} ± {s['val_sd']:.2f} | {settings} |")
+    return lines
+
+
+def mean_sd(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
@@ -140,9 +156,9 @@ def summarize(results: dict, methods=METHODS) -> list[dict]:
             rows = [r for r in results["rows"] if r["span"] == span and r["method"] == method]
             if not rows:
                 continue
-            test = _mean_sd([100 * r["test_accuracy"] for r in rows])
-            val = _mean_sd([100 * r["val_accuracy"] for r in rows])
-            drop = _mean_sd([100 * (base[r["seed"]] - r["test_accuracy"]) for r in rows])
+            test = mean_sd([100 * r["test_accuracy"] for r in rows])
+            val = mean_sd([100 * r["val_accuracy"] for r in rows])
+            drop = mean_sd([100 * (base[r["seed"]] - r["test_accuracy"]) for r in rows])
             out.append({"span": span, "method": method, "test_mean": test[0],
                         "test_sd": test[1], "val_mean": val[0], "val_sd": val[1],
                         "drop_mean": drop[0], "drop_sd": drop[1], "n_seeds": len(rows),
@@ -153,22 +169,12 @@ def summarize(results: dict, methods=METHODS) -> list[dict]:
 
 def render_depth_report(results: dict, figures: list[str]) -> str:
     """report.md: accuracy against replaced blocks per method, and the linearity profile."""
-    orig = _mean_sd([100 * o["test_accuracy"] for o in results["original"]])
+    orig = mean_sd([100 * o["test_accuracy"] for o in results["original"]])
     seeds = [o["seed"] for o in results["original"]]
     lines = [f"# Residual MLP on MNIST: depth as a trajectory (seeds {seeds})", "",
              f"Original network: test {orig[0]:.2f} ± {orig[1]:.2f} %. Every setting was "
              "chosen on the validation split; the test split scores only the chosen one.", "",
-             "## Test accuracy (%) against the number of replaced last blocks", "",
-             "| replaced | method | test | drop vs original | val | settings (per seed) |",
-             "|---:|---|---:|---:|---:|---|"]
-    for s in results["summary"]:
-        settings = "; ".join(
-            f"delays={x['n_delays']}, rank={x['rank']}, tik={x['tikhonov']}"
-            if s["method"] == "delay DMD" else (f"λ={x['ridge']}" if x["ridge"] else "-")
-            for x in s["settings"])
-        lines.append(f"| {s['span']} | {s['method']} | {s['test_mean']:.2f} ± "
-                     f"{s['test_sd']:.2f} | {s['drop_mean']:+.2f} ± {s['drop_sd']:.2f} | "
-                     f"{s['val_mean']:.2f} ± {s['val_sd']:.2f} | {settings} |")
+             *summary_table(results["summary"])]
     lines += ["", "## Linearity profile (held-out validation states)", "",
               "LS R² of the span's input -> output map, R² of its update (output - input), the "
               "one-step DMD relative residual on held-out pairs, and the validation accuracy "
@@ -178,7 +184,7 @@ def render_depth_report(results: dict, figures: list[str]) -> str:
     spans = sorted({(p["first"], p["last"]) for p in results["profile"]})
     for first, last in spans:
         rows = [p for p in results["profile"] if (p["first"], p["last"]) == (first, last)]
-        cells = [_mean_sd([p[k] * (100 if k == "val_accuracy_ls" else 1) for p in rows])
+        cells = [mean_sd([p[k] * (100 if k == "val_accuracy_ls" else 1) for p in rows])
                  for k in ("ls_r2", "ls_r2_update", "dmd_residual", "val_accuracy_ls")]
         fmt = [f"{m:.4f} ± {s:.4f}" for m, s in cells[:3]] + [f"{cells[3][0]:.2f} ± "
                                                                f"{cells[3][1]:.2f}"]

@@ -22,7 +22,7 @@ from koopnet.io.artifacts import atomic_write_text, write_json
 from koopnet.io.datasets import idx_splits
 from koopnet.lab import vit
 from koopnet.lab.residual import select
-from koopnet.lab.residual_run import depth_results, summarize
+from koopnet.lab.residual_run import depth_results, mean_sd, summarize, summary_table
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -131,11 +131,6 @@ def run_vit(config: ViTConfig) -> dict:
     return results
 
 
-def _mean_sd(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def acceptance(results: dict) -> list[dict]:
     """Per span: the DMD view chosen on validation (per seed), its test drop, and whether it
     beats identity and both least-squares maps on test; the issue's bar is a span of at least
@@ -156,7 +151,7 @@ def acceptance(results: dict) -> list[dict]:
             drops.append(100 * (base[seed] - dmd["test_accuracy"]))
             wins.append(all(dmd["test_accuracy"] > o for o in others))
         if drops:
-            drop = _mean_sd(drops)
+            drop = mean_sd(drops)
             out.append({"span": span, "dmd_drop_mean": drop[0], "dmd_drop_sd": drop[1],
                         "beats_identity_and_ls_all_seeds": all(wins),
                         "meets_bar": span >= 2 and drop[0] <= 0.5 and all(wins)})
@@ -168,8 +163,8 @@ def acceptance(results: dict) -> list[dict]:
 
 def render_vit_report(results: dict, figures: list[str]) -> str:
     """report.md: accuracy against replaced blocks per method, acceptance, linearity profile."""
-    orig = _mean_sd([100 * o["test_accuracy"] for o in results["original"]])
-    val = _mean_sd([100 * o["val_accuracy"] for o in results["original"]])
+    orig = mean_sd([100 * o["test_accuracy"] for o in results["original"]])
+    val = mean_sd([100 * o["val_accuracy"] for o in results["original"]])
     seeds = [o["seed"] for o in results["original"]]
     cfg = results["config"]
     lines = [f"# Vision transformer on MNIST: depth as a trajectory (seeds {seeds})", "",
@@ -183,17 +178,7 @@ def render_vit_report(results: dict, figures: list[str]) -> str:
              "least-squares (LS) and ridge maps, per position and flattened. Every setting "
              "was chosen on the validation split; the test split scores only the chosen one. "
              f"Fits use the depth states of {cfg['fit_subset']} training images.", "",
-             "## Test accuracy (%) against the number of replaced last blocks", "",
-             "| replaced | method | test | drop vs original | val | settings (per seed) |",
-             "|---:|---|---:|---:|---:|---|"]
-    for s in results["summary"]:
-        settings = "; ".join(
-            f"d={x['n_delays']}, r={x['rank']}, tik={x['tikhonov']}"
-            if s["method"].startswith("DMD") else (f"λ={x['ridge']}" if x["ridge"] else "-")
-            for x in s["settings"])
-        lines.append(f"| {s['span']} | {s['method']} | {s['test_mean']:.2f} ± "
-                     f"{s['test_sd']:.2f} | {-s['drop_mean']:+.2f} ± {s['drop_sd']:.2f} | "
-                     f"{s['val_mean']:.2f} ± {s['val_sd']:.2f} | {settings} |")
+             *summary_table(results["summary"])]
     lines += ["", "## Acceptance (a span of >= 2 of 6 blocks, drop <= 0.5 point, better than "
               "identity and least squares)", "",
               "DMD view (per position or flattened) chosen per seed on validation.", "",
@@ -212,9 +197,9 @@ def render_vit_report(results: dict, figures: list[str]) -> str:
               "val acc. replaced (%) |", "|---|---:|---:|---:|---:|---:|"]
     for first, last in sorted({(p["first"], p["last"]) for p in results["profile"]}):
         rows = [p for p in results["profile"] if (p["first"], p["last"]) == (first, last)]
-        cells = [_mean_sd([p.get(k, np.nan) for p in rows])[0] for k in
+        cells = [mean_sd([p.get(k, np.nan) for p in rows])[0] for k in
                  ("ls_r2_pos", "ls_r2_flat", "ls_r2_update_pos", "dmd_residual")]
-        acc = _mean_sd([100 * p["val_accuracy_ls"] for p in rows])[0]
+        acc = mean_sd([100 * p["val_accuracy_ls"] for p in rows])[0]
         lines.append(f"| {first}..{last} | " + " | ".join(f"{c:.4f}" for c in cells)
                      + f" | {acc:.2f} |")
     env = results["environment"]
@@ -240,7 +225,7 @@ def plot_vit(results: dict):
     for first in range(T):
         for last in range(first, T):
             rows = [p for p in results["profile"] if (p["first"], p["last"]) == (first, last)]
-            grid[first, last] = _mean_sd([100 * p["val_accuracy_ls"] for p in rows])[0]
+            grid[first, last] = mean_sd([100 * p["val_accuracy_ls"] for p in rows])[0]
     image = axes[1].imshow(grid, cmap="viridis", origin="upper")
     fig.colorbar(image, ax=axes[1], label="val accuracy (%)")
     axes[1].set(xlabel="last replaced block", ylabel="first replaced block",
@@ -249,7 +234,7 @@ def plot_vit(results: dict):
                     key=lambda p: p["first"])
     for key, label in (("ls_r2_update_pos", "LS R² of the update (pos)"),
                        ("ls_r2_pos", "LS R² (pos)"), ("dmd_residual", "DMD residual (pos)")):
-        per_block = [_mean_sd([p[key] for p in single if p["first"] == b])[0] for b in range(T)]
+        per_block = [mean_sd([p[key] for p in single if p["first"] == b])[0] for b in range(T)]
         axes[2].plot(range(T), per_block, marker="o", label=label)
     axes[2].set(xlabel="block", title="per-block linearity profile", ylim=(-0.05, 1.05))
     axes[2].legend(fontsize=8)
