@@ -35,9 +35,17 @@ from koopnet._checks import (
     check_rank_limit,
     check_width_preserving,
 )
+from koopnet.distributed import is_distributed, sharded_statistics
 from koopnet.hybrid import KoopmanHybrid
-from koopnet.models import TrainConfig, check_layer, mlp_layout, model_device, model_dtype
-from koopnet.observables import snapshot_pairs
+from koopnet.models import (
+    TrainConfig,
+    check_layer,
+    mlp_blocks,
+    mlp_layout,
+    model_device,
+    model_dtype,
+)
+from koopnet.observables import TimeDelay, snapshot_pairs
 from koopnet.scaling import DEFAULT_SCALING, ScaledMLP, scale_layer
 from koopnet.spec import FitSpec
 from koopnet.trajectories import collect_trajectories
@@ -117,14 +125,12 @@ def check_model(model, X: torch.Tensor, layer: int, y=None) -> None:
         raise ValueError(f"labels go up to {int(y.max())} but the model has {n_classes} "
                          f"outputs (classes 0..{n_classes - 1}); pass the labels the model was "
                          "trained on.")
-    with torch.no_grad():
+    with torch.no_grad():  # up to the replaced layer's activation
         state = X
-        for i, module in enumerate(modules):
+        for i, module in enumerate(modules[:sum(map(len, mlp_blocks(model)[:layer + 1]))]):
             state = module(state)
             check_finite(state, f"activations of model[{i}] ({type(module).__name__})",
                          " Rescale the inputs or check the model's weights.")
-            if i >= 2 * layer + 1:
-                break
 
 
 def scaling_recipe(n_samples: int, *, steps: int = 1000,
@@ -227,7 +233,21 @@ def fit_hybrid(scaled: ScaledMLP, data, *, spec: FitSpec | None = None, n_delays
         raise ValueError(f"data has {X.shape[1]} features per sample but the model's first layer "
                          f"expects {expected}; pass inputs of width {expected} (flattened).")
     _check_spec(spec, scaled.n_states, max(scaled.width, scaled.out_width), len(X))
-    return _fit(scaled, X, spec)
+    return (_fit_sharded if is_distributed() else _fit)(scaled, X, spec)
+
+
+def _fit_sharded(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec) -> KoopmanHybrid:
+    """``_fit`` under torch.distributed: each rank collects only its shard's trajectories,
+    their statistics are all-reduced once and every rank builds the same hybrid."""
+    observable = spec.observable()
+    if not isinstance(observable, TimeDelay):
+        raise ValueError(f"a {type(observable).__name__} cannot be fitted from sharded "
+                         "statistics; run this fit in one process (without torchrun).")
+    observable.fit(collect_trajectories(scaled, X[:1]).states)  # only the shapes are read
+    stats = sharded_statistics(lambda start, stop: collect_trajectories(scaled, X[start:stop])
+                               .states, len(X), spec.n_delays, constant=spec.constant,
+                               pairing=spec.pairing)
+    return KoopmanHybrid.from_dmd(scaled, observable, spec.dmd().fit_statistics(stats))
 
 
 def _fit(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec, **extra) -> KoopmanHybrid:
@@ -301,16 +321,15 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
     X, y = check_inputs(data, labels, dtype=work)
     device = model_device(model)  # the data follows the model (CPU or GPU)
     X, y = X.to(device), (None if y is None else y.to(device))
-    if work != dtype:
-        model = copy.deepcopy(model).to(work)
+    model = copy.deepcopy(model).to(work).eval()  # a BatchNorm in train mode stays untouched
     check_model(model, X, layer, y)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
     seed = check_int(seed, "seed")
     if scaling_config is not None and not isinstance(scaling_config, TrainConfig):
         raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
                         f"{type(scaling_config).__name__}.")
-    modules = mlp_layout(model)
-    w, w_out = modules[2 * layer - 2].out_features, modules[2 * layer].out_features
+    blocks = mlp_blocks(model)
+    w, w_out = blocks[layer - 1][0].out_features, blocks[layer][0].out_features
     _check_spec(spec, n_inserted + 2, max(w, w_out), len(X))
     recipe = scaling_config or scaling_recipe(len(X))
     log.info("%s", describe_recipe(recipe, len(X)))

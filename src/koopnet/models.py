@@ -1,7 +1,8 @@
 """Multilayer perceptrons as ``nn.Sequential`` and a small, seeded classifier trainer.
 
 The layout ``[Linear, act, Linear, act, ..., Linear]`` is the paper's: hidden layer k is the
-Linear at Sequential index 2(k-1) followed by its activation at index s = 2k-1.
+k-th Linear followed by its activation (:func:`mlp_blocks`); a LayerNorm or BatchNorm1d between
+the two belongs to the layer, so the hidden state is still the activation's output.
 """
 
 from __future__ import annotations
@@ -46,14 +47,19 @@ def activation_name(module: nn.Module) -> str | None:
 
 _SOFTMAX = (nn.Softmax, nn.LogSoftmax)
 _DROPOUT = nn.modules.dropout._DropoutNd  # every Dropout variant: the identity in eval mode
+#: Norms accepted between a hidden Linear and its activation; they belong to that layer, so the
+#: hidden state is still the activation's output.
+NORMS = (nn.LayerNorm, nn.BatchNorm1d)
 
 
-def mlp_layout(model: nn.Module, name: str = "model") -> list[nn.Module]:
-    """The modules of a Sequential MLP ``[Linear, activation, ..., Linear]``, checked.
+def mlp_blocks(model: nn.Module, name: str = "model") -> list[list[nn.Module]]:
+    """The layers of a Sequential MLP, checked: ``[Linear, (norm), activation]`` per hidden
+    layer and ``[Linear]`` for the output layer.
 
     Dropout modules are left out (they are the identity in eval mode, where koopnet runs a
-    network) and a final Softmax is dropped (it does not change the argmax). Every error names
-    the offending position in ``model`` itself.
+    network) and a final Softmax is dropped (it does not change the argmax). A LayerNorm or
+    BatchNorm1d between a Linear and its activation is part of that hidden layer. Every error
+    names the offending position in ``model`` itself.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"{name} must be an nn.Sequential MLP [Linear, activation, ..., Linear]; "
@@ -64,28 +70,48 @@ def mlp_layout(model: nn.Module, name: str = "model") -> list[nn.Module]:
     if not indexed:
         raise ValueError(f"{name} holds no layers; koopnet expects [Linear, activation, ..., "
                          "Linear].")
-    for position, (i, module) in enumerate(indexed):
+    blocks: list[list[nn.Module]] = []
+    previous = None  # (index, kind) of the module before
+    for i, module in indexed:
         kind = type(module).__name__
-        if position % 2 == 0 and type(module) is not nn.Linear:
-            after = "starts the model" if position == 0 else \
-                f"follows the activation {name}[{indexed[position - 1][0]}]"
-            raise ValueError(f"{name}[{i}] is {kind} where a Linear layer is needed (it {after});"
-                             " koopnet's layer scaling takes a Sequential of Linear and "
-                             f"activation modules only ({sorted(ACTIVATIONS)}; Dropout and a "
-                             "final Softmax are allowed). Rebuild the model in that layout.")
-        if position % 2 == 1 and activation_name(module) is None:
+        if previous is None or previous[1] == "activation":
+            if type(module) is not nn.Linear:
+                after = "starts the model" if previous is None else \
+                    f"follows the activation {name}[{previous[0]}]"
+                raise ValueError(f"{name}[{i}] is {kind} where a Linear layer is needed (it "
+                                 f"{after}); koopnet's layer scaling takes a Sequential of "
+                                 f"Linear and activation modules only ({sorted(ACTIVATIONS)}; "
+                                 "Dropout, LayerNorm/BatchNorm1d before an activation and a "
+                                 "final Softmax are allowed). Rebuild the model in that layout.")
+            blocks.append([module])
+            previous = (i, "Linear")
+        elif previous[1] == "Linear" and isinstance(module, NORMS):
+            blocks[-1].append(module)
+            previous = (i, "norm")
+        elif activation_name(module) is None:
             raise ValueError(f"{name}[{i}] is {kind} where an activation is needed after the "
-                             f"Linear {name}[{indexed[position - 1][0]}]; supported activations "
-                             f"are {sorted(ACTIVATIONS)}.")
-    if len(indexed) % 2 == 0:
-        raise ValueError(f"{name} ends with an activation ({name}[{indexed[-1][0]}]); an MLP "
+                             f"{previous[1]} {name}[{previous[0]}]; supported activations "
+                             f"are {sorted(ACTIVATIONS)} (a LayerNorm or BatchNorm1d may sit "
+                             "between a Linear and its activation).")
+        else:
+            blocks[-1].append(module)
+            previous = (i, "activation")
+    if previous[1] != "Linear":
+        last = "an activation" if previous[1] == "activation" else "a norm"
+        raise ValueError(f"{name} ends with {last} ({name}[{previous[0]}]); an MLP "
                          "ends with its output Linear layer (logits).")
-    return [module for _, module in indexed]
+    return blocks
+
+
+def mlp_layout(model: nn.Module, name: str = "model") -> list[nn.Module]:
+    """The modules of a Sequential MLP ``[Linear, (norm), activation, ..., Linear]``, checked
+    and flattened (see :func:`mlp_blocks`: Dropout and a final Softmax left out)."""
+    return [module for block in mlp_blocks(model, name) for module in block]
 
 
 def check_layer(model: nn.Module, layer) -> int:
     """Hidden layer ``layer`` (1-based) must start a trajectory: layer k+1 exists to replace."""
-    n_hidden = len(mlp_layout(model)) // 2
+    n_hidden = len(mlp_blocks(model)) - 1
     if n_hidden < 2:
         raise ValueError(f"model has {n_hidden} hidden layer(s); linearising needs at least 2 "
                          "(one to start the trajectory, one to replace). Use a deeper MLP.")
@@ -95,6 +121,41 @@ def check_layer(model: nn.Module, layer) -> int:
                          f"layers, so layer must be in 1..{n_hidden - 1} (hidden layer k+1 is "
                          "the one replaced).")
     return layer
+
+
+def split_mlp(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+    """Cut an MLP into (head, replaced, tail) around hidden layer ``layer`` (1-based, as the paper).
+
+    head = everything up to hidden layer k's activation, replaced = the next Linear, its norm if
+    any and its activation (hidden layer k+1), tail = the rest (see
+    :func:`koopnet.models.mlp_blocks` for what is accepted).
+    """
+    layer = check_layer(model, layer)
+    blocks = mlp_blocks(model)
+    head, tail = itertools.chain(*blocks[:layer]), itertools.chain(*blocks[layer + 1:])
+    return nn.Sequential(*head), nn.Sequential(*blocks[layer]), nn.Sequential(*tail)
+
+
+class Frozen(nn.Module):
+    """A frozen original module that stays in eval mode while the modules around it train.
+
+    :func:`fit_minibatch` puts what it trains in train mode; a BatchNorm of the frozen original
+    would then normalise with batch statistics (and overwrite its running ones) and a Dropout
+    would drop units. Wrapped, they compute exactly what they compute at inference.
+    Shape: whatever ``module`` takes.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> Frozen:
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_choice, check_float, check_int
-from koopnet.models import TrainConfig, check_layer, fit_minibatch, make_activation, mlp_layout
+from koopnet.models import Frozen, TrainConfig, fit_minibatch, make_activation, split_mlp
 from koopnet.scaling_penalties import TrackedStack, scaling_loss
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,6 @@ log = logging.getLogger(__name__)
 #: needed), 1000 steps at lr 1e-2 with plateau halving.
 DEFAULT_SCALING = TrainConfig(epochs=1000, batch_size=5000, lr=1e-2, betas=(0.8, 0.8),
                               weight_decay=1e-4, plateau_patience=100, plateau_threshold=1e-4)
-
-
-def split_mlp(model: nn.Module, layer: int) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
-    """Cut an MLP into (head, replaced, tail) around hidden layer ``layer`` (1-based, as the paper).
-
-    head = everything up to hidden layer k's activation, replaced = the next Linear and its
-    activation (hidden layer k+1), tail = the rest (see :func:`koopnet.models.mlp_layout` for
-    what is accepted).
-    """
-    layer = check_layer(model, layer)
-    modules = mlp_layout(model)
-    s = 2 * layer - 1
-    return (nn.Sequential(*modules[: s + 1]), nn.Sequential(*modules[s + 1: s + 3]),
-            nn.Sequential(*modules[s + 3:]))
 
 
 INSERT_KINDS = ("plain", "residual", "tied")
@@ -269,9 +255,13 @@ def train_inserts(inserts: nn.Sequential, replaced: nn.Sequential, a: torch.Tens
                   progress: bool = False, desc: str = "scale") -> list[float]:
     """Fit the inserts so that replaced(inserts(a)) matches b; returns the loss history.
 
-    Without penalties this is exactly the paper's Huber regression of the stack."""
+    Without penalties this is exactly the paper's Huber regression of the stack. ``replaced``
+    stays in eval mode (:class:`~koopnet.models.Frozen`), so a norm or Dropout in it trains the
+    inserts against the function it computes at inference. Shape: a [B, ..., w], b [B, ..., w'].
+    """
     if not len(inserts):
         return []
+    replaced = Frozen(replaced)
     if not spec.penalised:
         return fit_minibatch(nn.Sequential(inserts, replaced), nn.functional.huber_loss, a, b,
                              config, seed=seed, progress=progress, desc=desc)
@@ -300,7 +290,7 @@ def _fixed_pairs(model: nn.Sequential, layer: int, X: torch.Tensor, y, judge,
                  tolerance: float) -> _Fixed:
     dtype = next(model.parameters()).dtype
     X = as_tensor(X, "X", ndim=2, dtype=dtype)
-    head, replaced, tail = split_mlp(copy.deepcopy(model), layer)
+    head, replaced, tail = split_mlp(copy.deepcopy(model).eval(), layer)  # norms: eval
     if X.shape[1] != head[0].in_features:
         raise ValueError(f"X has {X.shape[1]} features but the model expects "
                          f"{head[0].in_features}; pass inputs of the model's input width.")

@@ -41,6 +41,10 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 _ACTIVATION_ARGS = {"leaky_relu": ("negative_slope",), "elu": ("alpha",),
                     "gelu": ("approximate",)}
+# norms between a Linear and its activation (koopnet.models.NORMS) and their settings
+_NORMS = {nn.LayerNorm: "layer_norm", nn.BatchNorm1d: "batch_norm"}
+_NORM_ARGS = {"layer_norm": ("normalized_shape", "eps", "elementwise_affine"),
+              "batch_norm": ("num_features", "eps", "momentum", "affine", "track_running_stats")}
 
 
 def module_spec(module: nn.Module, where: str = "model") -> dict:
@@ -64,8 +68,13 @@ def module_spec(module: nn.Module, where: str = "model") -> dict:
     if type(module) in _SOFTMAX:
         return {"type": "softmax" if type(module) is nn.Softmax else "log_softmax",
                 "dim": module.dim}
+    if type(module) in _NORMS:  # settings here; weights and running statistics in the file
+        kind = _NORMS[type(module)]
+        return {"type": kind, **{a: getattr(module, a) for a in _NORM_ARGS[kind]},
+                **({"bias": module.bias is not None} if kind == "layer_norm" else {})}
     raise TypeError(f"{where} is {type(module).__name__}; koopnet saves nn.Sequential MLPs of "
-                    f"Linear, activations {sorted(ACTIVATIONS)} and a final Softmax only.")
+                    f"Linear, activations {sorted(ACTIVATIONS)}, LayerNorm, BatchNorm1d and a "
+                    "final Softmax only.")
 
 
 def _build(spec, where: str) -> nn.Module:
@@ -85,6 +94,10 @@ def _build(spec, where: str) -> nn.Module:
             return ACTIVATIONS[spec["name"]](**spec.get("args", {}))
         if kind in ("softmax", "log_softmax"):
             return (nn.Softmax if kind == "softmax" else nn.LogSoftmax)(dim=spec["dim"])
+        if kind in _NORM_ARGS:
+            cls = next(c for c, k in _NORMS.items() if k == kind)
+            return cls(**{a: spec[a] for a in _NORM_ARGS[kind]},
+                       **({"bias": bool(spec["bias"])} if kind == "layer_norm" else {}))
         if kind == "residual":
             return ResidualBlock(_build(spec["body"], f"{where}.body"))
         if kind == "tied":
@@ -95,7 +108,7 @@ def _build(spec, where: str) -> nn.Module:
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{where}: malformed architecture entry {spec!r} ({err}).") from err
     raise ArtifactError(f"{where}: unknown module type {kind!r}; expected sequential, linear, "
-                        "activation, softmax, residual or tied.")
+                        "activation, softmax, layer_norm, batch_norm, residual or tied.")
 
 
 def mlp_spec(widths, activation="relu", *, softmax: bool = False) -> dict:
@@ -154,7 +167,7 @@ def _load_state(module: nn.Module, tensors: dict, source: str) -> nn.Module:
                 f"'{source}' tensor '{key}' has shape {list(tensors[key].shape)}, but the "
                 f"architecture needs {list(value.shape)}; the config does not describe these "
                 "weights.")
-        if not tensors[key].is_floating_point():
+        if not tensors[key].is_floating_point() and value.is_floating_point():
             raise ArtifactError(f"'{source}' tensor '{key}' has dtype {tensors[key].dtype}; "
                                 "weights must be floating point.")
     module.load_state_dict(tensors, strict=True, assign=True)  # keeps the saved dtypes
