@@ -10,7 +10,10 @@ on the concatenated window [s_k, ..., s_{k-h}].
 
 The map is applied to the real neurons only: the padding entries and the constant observable
 are constants of every sample, so their columns are folded into the bias (:func:`window_map`),
-which shrinks the GEMM from D to (h+1) w inputs. Nothing here imports the rest of koopnet.
+which shrinks the GEMM from D to (h+1) w inputs. A learned observable appends psi's output to g
+(g = [delay vector, psi(z), (1)]): psi is nonlinear, so it cannot be folded into the map;
+:class:`LearnedLift` computes it from the window and hands on [window, psi(z)], and the map keeps
+psi's columns as inputs. Nothing here imports the rest of koopnet.
 """
 
 from __future__ import annotations
@@ -51,29 +54,61 @@ class Cast(nn.Module):
         return str(self.dtype)
 
 
+class LearnedLift(nn.Module):
+    """[window] -> [window, psi((z - mean) / std)], the lifting of a learned observable.
+
+    z is the first len(``mean``) entries of the padded delay vector (each state of the window
+    padded from ``width`` to ``padded_width`` with ``pad_value``, as the hybrid pads it); psi
+    runs in the dtype of ``mean`` and its output is cast back to the window's.
+    Shape: window [B, n_states * width] -> [B, n_states * width + r].
+    """
+
+    def __init__(self, psi: nn.Module, mean: torch.Tensor, std: torch.Tensor, *, n_states: int,
+                 width: int, padded_width: int, pad_value: float) -> None:
+        super().__init__()
+        self.psi = psi
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
+        self.n_states, self.width, self.padded_width = n_states, width, padded_width
+        self.pad_value = pad_value
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        delay = window
+        if self.padded_width > self.width:
+            states = window.reshape(len(window), self.n_states, self.width)
+            delay = nn.functional.pad(states, (0, self.padded_width - self.width),
+                                      value=self.pad_value).flatten(1)
+        inputs = delay[:, :self.mean.shape[0]].to(self.mean.dtype)
+        latent = self.psi((inputs - self.mean) / self.std)
+        return torch.cat([window, latent.to(window.dtype)], dim=1)
+
+
 def window_map(linear_map: torch.Tensor, *, n_states: int, width: int, padded_width: int,
-               pad_value: float, constant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               pad_value: float, constant: bool,
+               n_latent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The map restricted to the real neurons of the window, with the constant columns as a bias.
 
-    ``linear_map`` [w', D] acts on g = [s_k (padded), ..., s_{k-h} (padded), (1)], D =
-    ``padded_width`` * ``n_states`` (+1). Padding entries always hold ``pad_value`` and the constant
-    observable always 1, so their columns add the same vector to every sample: the bias. Computed
-    in float64. Shape: -> weight [w', n_states * width], bias [w'].
+    ``linear_map`` [w', D] acts on g = [s_k (padded), ..., s_{k-h} (padded), (psi), (1)], D =
+    ``padded_width`` * ``n_states`` (+ ``n_latent``) (+1). Padding entries always hold
+    ``pad_value`` and the constant observable always 1, so their columns add the same vector to
+    every sample: the bias. The ``n_latent`` columns of a learned psi stay inputs of the map.
+    Computed in float64. Shape: -> weight [w', n_states * width + n_latent], bias [w'].
     """
     M = linear_map.to(torch.float64)
-    expected = padded_width * n_states + int(constant)
+    states = padded_width * n_states
+    expected = states + n_latent + int(constant)
     if M.ndim != 2 or M.shape[1] != expected:
         raise ValueError(f"linear_map has shape {list(M.shape)}; {n_states} states of width "
-                         f"{padded_width}{' and the constant' if constant else ''} need "
-                         f"[w', {expected}].")
+                         f"{padded_width}{f', {n_latent} latent' if n_latent else ''}"
+                         f"{' and the constant' if constant else ''} need [w', {expected}].")
     if not 0 < width <= padded_width:
         raise ValueError(f"width={width} must be in 1..{padded_width} (the padded width).")
-    blocks = M[:, :padded_width * n_states].reshape(len(M), n_states, padded_width)
+    blocks = M[:, :states].reshape(len(M), n_states, padded_width)
     weight = blocks[:, :, :width].reshape(len(M), n_states * width)
     bias = pad_value * blocks[:, :, width:].sum(dim=(1, 2))
     if constant:
         bias = bias + M[:, -1]
-    return weight, bias
+    return torch.cat([weight, M[:, states:states + n_latent]], dim=1), bias
 
 
 def numerical_rank(matrix: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:

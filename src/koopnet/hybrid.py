@@ -26,7 +26,8 @@ from torch import nn
 
 from koopnet._checks import check_delays, check_int, check_is_fitted, check_width_preserving
 from koopnet.dmd import DMD
-from koopnet.fold import Cast, DelayWindow, linear_layers, window_map
+from koopnet.fold import Cast, DelayWindow, LearnedLift, linear_layers, window_map
+from koopnet.learned import LearnedObservable
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
 from koopnet.trajectories import PAD_VALUE
@@ -108,7 +109,7 @@ class KoopmanHybrid(nn.Module):
         blocks = h if n_blocks is None else check_int(n_blocks, "n_blocks", low=h)
         check_delays(blocks, scaled.n_states)
         linear_steps = scaled.n_states - 1 - blocks
-        readout = observable.readout(scaled.out_width).to(dmd.dtype)
+        readout = observable.readout(scaled.out_width).to(dmd.basis_.device, dmd.dtype)
         return {"head": scaled.head, "prefix": scaled.inserts[:blocks], "tail": scaled.tail,
                 "observable": observable, "basis": dmd.basis_, "operator": dmd.operator_,
                 "readout": readout, "linear_map": dmd.transition(linear_steps, readout),
@@ -178,13 +179,17 @@ class KoopmanHybrid(nn.Module):
         form, ``nn.Sequential(nn.Linear((h+1) w, r, bias=False), nn.Linear(r, w'))``: fewer
         multiply-adds for the same function. None (default) chooses so; True or False forces
         it. The modules are copies with gradients off, in eval mode, so the result does not
-        change when the hybrid does. Only delay observables fold into a linear map.
+        change when the hybrid does. A :class:`~koopnet.learned.LearnedObservable` adds ``lift``
+        (a :class:`koopnet.fold.LearnedLift` computing psi, which is nonlinear) before ``map``,
+        and the map reads psi's r outputs too. Other dictionaries are not folded.
         Shape: x [B, features] -> logits [B, classes].
         """
-        if type(self.observable) is not TimeDelay:
+        learned = type(self.observable) is LearnedObservable
+        if type(self.observable) is not TimeDelay and not learned:
             raise TypeError(f"fold() needs a TimeDelay observable; this hybrid lifts with "
-                            f"{self.observable!r}, whose features are not linear in the states. "
-                            "Run the hybrid itself, or fit it with a TimeDelay observable.")
+                            f"{self.observable!r}, whose features are not linear in the states "
+                            "(a LearnedObservable, whose psi fold() runs as a module, is the "
+                            "other kind it folds). Run the hybrid itself.")
         if factored is not None and not isinstance(factored, bool):
             raise TypeError(f"factored={factored!r} must be None (choose by cost), True or "
                             "False.")
@@ -193,7 +198,8 @@ class KoopmanHybrid(nn.Module):
         net_dtype, device = parameter.dtype, parameter.device
         weight, bias = window_map(self.linear_map, n_states=h + 1, width=self.width,
                                   padded_width=self.observable.n_features_in_,
-                                  pad_value=self.pad_value, constant=self.observable.constant)
+                                  pad_value=self.pad_value, constant=self.observable.constant,
+                                  n_latent=self.observable.latent_dims_ if learned else 0)
         dtype = self.compute_dtype or net_dtype
         linear = linear_layers(weight, bias, factored=factored, dtype=dtype, device=device)
         if dtype != net_dtype:
@@ -203,6 +209,12 @@ class KoopmanHybrid(nn.Module):
         parts += [(f"block{i + 1}", block) for i, block in enumerate(blocks[:k - h])]
         if h:
             parts.append(("window", DelayWindow(blocks[k - h:])))
+        if learned:
+            observable = self.observable
+            parts.append(("lift", LearnedLift(
+                copy.deepcopy(observable.psi_), observable.mean_, observable.std_,
+                n_states=h + 1, width=self.width, padded_width=observable.n_features_in_,
+                pad_value=self.pad_value)))
         parts += [("map", linear), ("tail", copy.deepcopy(self.tail))]
         return nn.Sequential(OrderedDict(parts)).requires_grad_(False).eval()
 

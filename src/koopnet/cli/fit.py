@@ -13,7 +13,7 @@ import math
 
 from koopnet.io.artifacts import check_output_dir, file_sha256, prepare_output_dir, save_artifact
 from koopnet.io.trajectories import dmd_tensors, fit_file
-from koopnet.spec import PAIRINGS, FitSpec
+from koopnet.spec import OBSERVABLE_KINDS, PAIRINGS, FitSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ def add_fit_arguments(parser: argparse.ArgumentParser, *,
                              "concatenated series")
     parser.add_argument("--protocol", choices=PAIRINGS, default=None,
                         help=argparse.SUPPRESS)  # 0.1 name of --pairing, deprecated
+    parser.add_argument("--observable", choices=OBSERVABLE_KINDS, default="delay",
+                        help="delay coordinates (default), or delay coordinates plus a learned "
+                             "encoder psi trained on the trajectories (SCALE_DIR only)")
+    parser.add_argument("--latent-dims", type=int, default=None, metavar="R",
+                        help="--observable learned: psi's output size (default: the layer "
+                             "width; at most 4x it)")
+    parser.add_argument("--learned-steps", type=int, default=None, metavar="N",
+                        help="--observable learned: psi's training steps (default 300)")
+    parser.add_argument("--learned-seed", type=int, default=None, metavar="S",
+                        help="--observable learned: psi's initialisation and batch seed "
+                             "(default 0)")
     parser.add_argument("--batch-size", type=int, default=4096,
                         help="trajectories per streamed batch (memory is O(batch + D^2))")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -81,8 +92,22 @@ def spec_from_args(args: argparse.Namespace) -> FitSpec:
             raise ValueError(f"--pairing {pairing} and --protocol {args.protocol} disagree; "
                              "pass --pairing only.")
         pairing = args.protocol
+    options = {"latent_dims": args.latent_dims, "n_steps": args.learned_steps,
+               "seed": args.learned_seed}
+    if args.observable != "learned":
+        given = [flag for flag, value in zip(("--latent-dims", "--learned-steps",
+                                              "--learned-seed"), options.values(), strict=True)
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to --observable learned only; add "
+                             "--observable learned or leave them out.")
+    elif getattr(args, "trajectories", None) is not None:
+        raise ValueError("--observable learned needs a scale folder (koopnet fit SCALE_DIR "
+                         "--observable learned): psi is trained on whole trajectories, which "
+                         "the streamed --trajectories fit never holds at once.")
+    learned = {k: v for k, v in options.items() if v is not None}
     return FitSpec(args.n_delays, args.rank, args.tikhonov, args.constant,
-                   pairing or "trajectory")
+                   pairing or "trajectory", observable_kind=args.observable, **learned)
 
 
 def fit_command(args: argparse.Namespace) -> int:
