@@ -45,9 +45,10 @@ from koopnet.models import (
     model_device,
     model_dtype,
 )
-from koopnet.observables import TimeDelay, snapshot_pairs
+from koopnet.observables import TimeDelay
 from koopnet.scaling import DEFAULT_SCALING, ScaledMLP, scale_layer
 from koopnet.spec import FitSpec
+from koopnet.submodule import capture_target, fit_states, scale_target
 from koopnet.trajectories import collect_trajectories
 
 __all__ = ["check_inputs", "describe_recipe", "fit_hybrid", "linearize", "model_dtype",
@@ -161,11 +162,12 @@ def describe_recipe(recipe: TrainConfig, n_samples: int) -> str:
             f"of batch {min(recipe.batch_size, n_samples)}, lr {recipe.lr:g}){stop}")
 
 
-def _check_spec(spec: FitSpec, n_states: int, width: int, n_samples: int) -> None:
+def _check_spec(spec: FitSpec, n_states: int, width: int, n_samples: int,
+                fix: str = "insert more blocks (n_inserted >= n_delays)") -> None:
     """Every check of a fit that needs no trajectories (the DMD would refuse the same later)."""
     if not isinstance(spec, FitSpec):
         raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
-    check_delays(spec.n_delays, n_states, fix="insert more blocks (n_inserted >= n_delays)")
+    check_delays(spec.n_delays, n_states, fix=fix)
     D = width * (spec.n_delays + 1) + int(spec.constant)
     if spec.pairing == "concatenated":
         pairs = n_samples * n_states - spec.n_delays - 1
@@ -251,17 +253,12 @@ def _fit_sharded(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec) -> KoopmanHy
 
 
 def _fit(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec, **extra) -> KoopmanHybrid:
-    trajectories = collect_trajectories(scaled, X)  # states [n, T, W]
-    observable = spec.observable().fit(trajectories.states)
-    dmd = spec.dmd()
-    if spec.pairing == "trajectory":
-        dmd.fit(observable.transform(trajectories.states))  # lifted [n, T-h, D]
-    else:
-        dmd.fit_pairs(*snapshot_pairs(observable.transform(trajectories.concatenated())))
+    observable, dmd = fit_states(collect_trajectories(scaled, X).states, spec)  # [n, T, W]
     return KoopmanHybrid.from_dmd(scaled, observable, dmd, **extra)
 
 
-def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
+def linearize(model: nn.Module, layer: int | None = None, data=None, *,
+              target: str | None = None, n_inserted: int = 10,
               spec: FitSpec | None = None, n_delays: int | None = None, rank=None,
               tikhonov: float | None = None, constant: bool | None = None,
               pairing: str | None = None, init: str = "he", labels=None, seed: int = 0,
@@ -315,6 +312,10 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
     n_inserted = _renamed("steps", "n_inserted", steps, None) if steps is not None else n_inserted
     pairing = _renamed("protocol", "pairing", protocol, pairing)
     spec = _make_spec(spec, n_delays, rank, tikhonov, constant, pairing)
+    if target is not None or layer is None:
+        return _linearize_target(model, layer, target, data, spec, n_inserted=n_inserted,
+                                 init=init, labels=labels, seed=seed,
+                                 scaling_config=scaling_config, progress=progress)
     dtype = model_dtype(model) if isinstance(model, nn.Module) else torch.float32
     work = torch.float32 if dtype in _HALF else dtype  # half precision is scaled in float32
     layer = check_layer(model, layer)
@@ -341,3 +342,28 @@ def linearize(model: nn.Sequential, layer: int, data, *, n_inserted: int = 10,
         for part in (hybrid.head, hybrid.prefix, hybrid.tail):
             part.to(dtype)
     return hybrid
+
+
+def _linearize_target(model, layer, target, data, spec: FitSpec, *, n_inserted, init, labels,
+                      seed, scaling_config, progress) -> nn.Module:
+    """``linearize(model, target=...)``: checks, the data-sized recipe, then
+    :func:`koopnet.submodule.scale_target`."""
+    if layer is not None or target is None:
+        raise ValueError("pass exactly one of layer=k (a hidden layer of a Sequential MLP) and "
+                         "target='name' (any submodule, see model.named_modules()).")
+    if labels is not None:
+        raise ValueError("labels judge a layer's scaling (layer=k) only; with target=... "
+                         "pass no labels.")
+    n_inserted = check_int(n_inserted, "n_inserted", low=1)
+    seed = check_int(seed, "seed")
+    if scaling_config is not None and not isinstance(scaling_config, TrainConfig):
+        raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
+                        f"{type(scaling_config).__name__}.")
+    pairs = capture_target(model, target, data)
+    _check_spec(spec, n_inserted + 1, pairs.width, pairs.n_positions,
+                fix="insert more blocks (n_inserted >= n_delays + 1)")
+    recipe = scaling_config or scaling_recipe(len(pairs.a))
+    log.info("target '%s': %s", pairs.name, describe_recipe(recipe, len(pairs.a)))
+    progress = sys.stderr.isatty() if progress is None else bool(progress)
+    return scale_target(pairs, spec, n_inserted=n_inserted, init=init, seed=seed,
+                        config=recipe, progress=progress)
