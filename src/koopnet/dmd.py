@@ -209,12 +209,14 @@ class DMD:
         Projected (the paper's EDMD): V A~^m V^T; exact: P A~^(m-1) V^T. With ``readout``
         [k, D] the product readout @ map is formed from the left, one [k, R] @ [R, R] product
         per step, so a hybrid never builds the [D, D] matrix (seconds instead of minutes at
-        D ~ 3000). Shape: [D, D], or [k, D] with a readout.
+        D ~ 3000). The map is on the device of the fit (a readout elsewhere is moved there).
+        Shape: [D, D], or [k, D] with a readout.
         """
         check_is_fitted(self, "operator_")
         n_steps = check_int(n_steps, "n_steps", low=0)
-        left = torch.eye(self.n_features_in_, dtype=self.dtype) if readout is None else readout
-        left = left.to(self.dtype)
+        device = self.basis_.device
+        left = (torch.eye(self.n_features_in_, dtype=self.dtype, device=device)
+                if readout is None else readout.to(device, self.dtype))
         if n_steps == 0:
             return left
         left = left @ (self._projected if self.exact_rollout else self.basis_)  # [k, R]
@@ -223,10 +225,14 @@ class DMD:
         return left @ self.basis_.T  # [k, D]
 
     def predict(self, lifted: torch.Tensor, n_steps: int = 1) -> torch.Tensor:
-        """Advance lifted states ``n_steps`` steps. Shape: [n, D] -> [n, D] (real)."""
+        """Advance lifted states ``n_steps`` steps, computed on the device of the fit and
+        returned on the device of ``lifted``. Shape: [n, D] -> [n, D] (real)."""
         check_is_fitted(self, "operator_")
         n_steps = check_int(n_steps, "n_steps", low=0)
         lifted = as_tensor(lifted, "lifted", ndim=2, dtype=self.dtype)
+        return self._predict(lifted.to(self.basis_.device), n_steps).to(lifted.device)
+
+    def _predict(self, lifted: torch.Tensor, n_steps: int) -> torch.Tensor:
         if lifted.shape[1] != self.n_features_in_:
             raise ValueError(f"lifted has {lifted.shape[1]} features; this DMD was fitted on "
                              f"{self.n_features_in_}.")

@@ -14,6 +14,8 @@ A subspace edit removes directions Q [D, k] of the lifted state before the roll-
 (linear_map' = linear_map V Pi V^T, Pi = I - Q_r Q_r^T, Q_r = orthonormalised V^T Q).
 :func:`forget_class` edits the roll-out's starting state by weighted least squares. Everything
 works for KoopmanHybrid and DepthHybrid; the input is never modified (results are deep copies).
+The algebra runs on the CPU in float64 (mode indices in LAPACK's order on any device), the
+network where the hybrid lives; edited buffers go back to the hybrid's device.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = ["abs_below", "edit_modes", "forget_class", "mode_attribution", "mode_
 # imaginary residue of a rebuilt operator above which an edit is refused
 _REAL_TOL = 1e-9
 _RESIDUE_TOL = 1e-8
+_F64 = {"dtype": torch.float64, "device": "cpu"}  # where the algebra runs (see the module docs)
 
 
 def _is_depth(hybrid) -> bool:
@@ -56,9 +59,8 @@ def _buffers(hybrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         basis, operator = hybrid.basis, hybrid.operator
     else:
         basis, operator = hybrid.dmd_.basis_, hybrid.dmd_.operator_
-    f64 = torch.float64
-    return (basis.detach().to(f64).cpu(), operator.detach().to(f64).cpu(),
-            hybrid.linear_map.detach().to(f64).cpu(), int(hybrid.linear_steps))
+    return (basis.detach().to(**_F64), operator.detach().to(**_F64),
+            hybrid.linear_map.detach().to(**_F64), int(hybrid.linear_steps))
 
 
 def _with_buffers(hybrid, operator: torch.Tensor, linear_map: torch.Tensor,
@@ -223,11 +225,11 @@ def edit_modes(hybrid, *, remove=None, scale: Mapping | None = None,
     if not factors:
         return copy.deepcopy(hybrid)
     chosen = sorted(factors)
-    c = torch.tensor([factors[i] for i in chosen], dtype=torch.float64)
+    c = torch.tensor([factors[i] for i in chosen], **_F64)
     Phi, Psi = right[:, chosen], left[chosen]  # [R, s], [s, R]
     step = (Phi * (c - 1).to(Phi.dtype)) @ Psi  # E - I, one step
     powered = (Phi * (c**m - 1).to(Phi.dtype)) @ Psi  # E^m - I
-    eye = torch.eye(len(operator), dtype=torch.float64)
+    eye = torch.eye(len(operator), **_F64)
     step = _real(step, "operator") + eye
     powered = _real(powered, "roll-out") + eye
     edited_operator = _real((right * eigenvalues) @ left, "operator") @ step
@@ -236,7 +238,7 @@ def edit_modes(hybrid, *, remove=None, scale: Mapping | None = None,
 
 
 def _project_out(hybrid, basis, operator, linear_map, subspace):
-    Q = as_tensor(subspace, "subspace", dtype=torch.float64)
+    Q = as_tensor(subspace, "subspace").to(**_F64)
     if Q.ndim == 1:
         Q = Q[:, None]
     if Q.ndim != 2 or Q.shape[0] != basis.shape[0]:
@@ -245,25 +247,26 @@ def _project_out(hybrid, basis, operator, linear_map, subspace):
     U, s, _ = torch.linalg.svd(basis.T @ Q, full_matrices=False)  # reduced directions
     keep = s > s[0] * 1e-10 if len(s) and s[0] > 0 else s > 0
     Qr = U[:, keep]
-    projector = torch.eye(len(operator), dtype=torch.float64) - Qr @ Qr.T
+    projector = torch.eye(len(operator), **_F64) - Qr @ Qr.T
     new_map = linear_map @ basis @ projector @ basis.T
     return _with_buffers(hybrid, operator @ projector, new_map, projector)
 
 
 def _lifted(hybrid, X: torch.Tensor) -> torch.Tensor:
-    """The lifted state g_h entering the roll-out, float64. Shape: X [n, ...] -> [n, D]."""
+    """The lifted state g_h entering the roll-out, float64 on the CPU. Shape: [n, ...] -> [n, D]."""
     if not isinstance(hybrid, KoopmanHybrid):
         raise TypeError(f"this diagnosis needs a KoopmanHybrid; got {type(hybrid).__name__}.")
     with torch.no_grad():
-        states = hybrid.prefix_states(X)
+        states = hybrid.prefix_states(X.to(hybrid.linear_map.device))
         states = states[:, hybrid.n_blocks - hybrid.n_delays: hybrid.n_blocks + 1]
-        return hybrid.observable.transform(states)[:, -1].to(torch.float64)
+        return hybrid.observable.transform(states)[:, -1].to(**_F64)
 
 
 def _logits(hybrid, lifted: torch.Tensor, linear_map: torch.Tensor) -> torch.Tensor:
-    dtype = next(hybrid.tail.parameters()).dtype
+    parameter = next(hybrid.tail.parameters())  # the tail runs where it lives
     with torch.no_grad():
-        return hybrid.tail((lifted @ linear_map.T).to(dtype)).to(torch.float64)
+        predicted = (lifted @ linear_map.T).to(parameter.device, parameter.dtype)  # [n, w']
+        return hybrid.tail(predicted).to(**_F64)
 
 
 def resdmd_residuals(hybrid, stats: PairStatistics) -> torch.Tensor:
@@ -283,7 +286,7 @@ def resdmd_residuals(hybrid, stats: PairStatistics) -> torch.Tensor:
     W = basis.to(left.dtype) @ left.T  # [D, R]
 
     def quad(G: torch.Tensor) -> torch.Tensor:
-        return (W.conj() * (G.to(torch.float64).to(W.dtype) @ W)).sum(0)
+        return (W.conj() * (G.to(**_F64).to(W.dtype) @ W)).sum(0)
 
     xx, yx, yy = quad(stats.xx).real, quad(stats.yx), quad(stats.yy).real
     numerator = yy - 2 * (eigenvalues * yx).real + eigenvalues.abs() ** 2 * xx
@@ -298,7 +301,7 @@ def mode_attribution(hybrid: KoopmanHybrid, X, y, *, stats: PairStatistics | Non
     Returns tensors: ``eigenvalues`` [R] complex; ``group`` [R] (first index of its pair);
     ``logit_drop`` [R, C] (drop of class c's mean logit over its samples); ``accuracy_drop``
     [R, C]; ``residual`` [R] (ResDMD residual on ``stats``, held-out lifted pairs, else NaN);
-    ``base_accuracy`` [C].
+    ``base_accuracy`` [C]; all on the CPU.
     """
     X = as_tensor(X, "X")
     y = _labels(y, len(X))
@@ -311,10 +314,9 @@ def mode_attribution(hybrid: KoopmanHybrid, X, y, *, stats: PairStatistics | Non
         raise ValueError(f"y holds label {int(y.max())}; the hybrid has {n_classes} classes.")
     base_logit, base_acc = _per_class(logits, y, n_classes)
     R = len(eigenvalues)
-    logit_drop = torch.zeros(R, n_classes, dtype=torch.float64)
-    accuracy_drop = torch.zeros(R, n_classes, dtype=torch.float64)
-    group_of = torch.zeros(R, dtype=torch.int64)
-    eye = torch.eye(R, dtype=torch.float64)
+    logit_drop, accuracy_drop = torch.zeros(R, n_classes, **_F64), torch.zeros(R, n_classes, **_F64)
+    group_of = torch.zeros(R, dtype=torch.int64, device="cpu")
+    eye = torch.eye(R, **_F64)
     for group in mode_groups(eigenvalues):
         powered = _real(-(right[:, group] @ left[group]), "roll-out") + eye  # E^m - I + I
         edited = _logits(hybrid, lifted, linear_map @ basis @ powered @ basis.T)
@@ -323,7 +325,7 @@ def mode_attribution(hybrid: KoopmanHybrid, X, y, *, stats: PairStatistics | Non
         accuracy_drop[group] = base_acc - acc
         group_of[group] = group[0]
     residual = (resdmd_residuals(hybrid, stats) if stats is not None
-                else torch.full((R,), float("nan"), dtype=torch.float64))
+                else torch.full((R,), float("nan"), **_F64))
     return {"eigenvalues": eigenvalues, "group": group_of, "logit_drop": logit_drop,
             "accuracy_drop": accuracy_drop, "residual": residual, "base_accuracy": base_acc}
 
@@ -333,13 +335,12 @@ def _labels(y, n: int) -> torch.Tensor:
     if y.is_floating_point() or y.is_complex() or len(y) != n:
         raise ValueError(f"y must hold {n} integer class labels; got {y.dtype} of shape "
                          f"{list(y.shape)}.")
-    return y.to(torch.int64)
+    return y.to("cpu", torch.int64)  # beside the logits of _logits
 
 
 def _per_class(logits: torch.Tensor, y: torch.Tensor, n_classes: int):
     right = logits.argmax(1) == y
-    mean_logit = torch.full((n_classes,), float("nan"), dtype=torch.float64)
-    acc = torch.full((n_classes,), float("nan"), dtype=torch.float64)
+    mean_logit, acc = (torch.full((n_classes,), float("nan"), **_F64) for _ in range(2))
     for c in range(n_classes):
         mask = y == c
         if mask.any():
@@ -385,9 +386,9 @@ def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *, weight: float
     change[forget] = kept[nearest] - predicted[forget]  # targets minus predictions
     C = linear_map @ basis  # [w', R]
     onto = C @ torch.linalg.pinv(C)  # projector onto the maps a starting-state edit can reach
-    w = torch.ones(len(y), dtype=torch.float64)
+    w = torch.ones(len(y), **_F64)
     w[forget] = weight
-    eye = torch.eye(lifted.shape[1], dtype=torch.float64)
+    eye = torch.eye(lifted.shape[1], **_F64)
     new_map = linear_map
     for _ in range(rounds):
         gram = (lifted * w[:, None]).T @ lifted  # [D, D]

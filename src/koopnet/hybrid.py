@@ -28,6 +28,7 @@ from koopnet._checks import check_delays, check_int, check_is_fitted, check_widt
 from koopnet.dmd import DMD
 from koopnet.fold import Cast, DelayWindow, LearnedLift, linear_layers, window_map
 from koopnet.learned import LearnedObservable
+from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
 from koopnet.trajectories import PAD_VALUE
@@ -110,9 +111,11 @@ class KoopmanHybrid(nn.Module):
         check_delays(blocks, scaled.n_states)
         linear_steps = scaled.n_states - 1 - blocks
         readout = observable.readout(scaled.out_width).to(dmd.basis_.device, dmd.dtype)
+        device = model_device(scaled)  # the buffers follow the network, wherever the fit ran
+        buffers = {"basis": dmd.basis_, "operator": dmd.operator_, "readout": readout,
+                   "linear_map": dmd.transition(linear_steps, readout)}
         return {"head": scaled.head, "prefix": scaled.inserts[:blocks], "tail": scaled.tail,
-                "observable": observable, "basis": dmd.basis_, "operator": dmd.operator_,
-                "readout": readout, "linear_map": dmd.transition(linear_steps, readout),
+                "observable": observable, **{k: v.to(device) for k, v in buffers.items()},
                 "layer": scaled.layer, "width": scaled.width, "linear_steps": linear_steps}
 
     @property

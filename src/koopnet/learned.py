@@ -115,13 +115,15 @@ class LearnedObservable:
         return n_in * hidden + hidden * r if hidden else n_in * r
 
     def build_psi(self, width: int) -> nn.Sequential:
-        """An untrained psi for a layer of ``width`` neurons (weights drawn from the global RNG;
-        ``fit`` draws them under ``seed``)."""
+        """An untrained psi for a layer of ``width`` neurons, on the CPU (weights drawn from the
+        global CPU RNG, so they are the same whatever device psi moves to; ``fit`` draws them
+        under ``seed``)."""
         n_in, hidden, r = self._sizes(width)
         act = ACTIVATIONS[check_choice(self.activation, "activation", tuple(ACTIVATIONS))]
         if not hidden:
-            return nn.Sequential(nn.Linear(n_in, r), act())
-        return nn.Sequential(nn.Linear(n_in, hidden), act(), nn.Linear(hidden, r), act())
+            return nn.Sequential(nn.Linear(n_in, r, device="cpu"), act())
+        return nn.Sequential(nn.Linear(n_in, hidden, device="cpu"), act(),
+                             nn.Linear(hidden, r, device="cpu"), act())
 
     # ---------------------------------------------------------------- fit / transform
 
@@ -132,7 +134,7 @@ class LearnedObservable:
         width = states.shape[2]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            psi = self.build_psi(width)
+            psi = self.build_psi(width).to(states.device)
         delay = self._delay.transform(states).to(torch.float32)  # [B, T', W(h+1)]
         if delay.shape[1] < 2:
             raise ValueError(f"n_delays={self.n_delays} leaves {delay.shape[1]} window per "
@@ -150,7 +152,8 @@ class LearnedObservable:
         """Set the fitted state (used by ``fit`` and by loading a saved hybrid)."""
         self.n_delays_ = check_int(self.n_delays, "n_delays", low=0)
         if not hasattr(self, "_delay"):
-            self._delay = TimeDelay(self.n_delays_).fit(torch.zeros(1, self.n_delays_ + 1, width))
+            self._delay = TimeDelay(self.n_delays_).fit(
+                torch.zeros(1, self.n_delays_ + 1, width, device=mean.device))
         self.n_features_in_ = width
         self.latent_dims_ = self._sizes(width)[2]
         self.psi_ = psi.requires_grad_(False).eval()
@@ -193,10 +196,12 @@ class LearnedObservable:
         return self.fit(states).transform(states)
 
     def readout(self, n_out: int | None = None) -> torch.Tensor:
-        """Selection of the newest state's first ``n_out`` neurons. Shape: [n_out, D]."""
+        """Selection of the newest state's first ``n_out`` neurons, on psi's device.
+        Shape: [n_out, D]."""
         check_is_fitted(self, "psi_")
         n_out = self.n_features_in_ if n_out is None else n_out
-        return torch.eye(n_out, self.n_output_features_, dtype=torch.float64)
+        return torch.eye(n_out, self.n_output_features_, dtype=torch.float64,
+                         device=self.mean_.device)
 
     def feature_names(self) -> list[str]:
         check_is_fitted(self, "psi_")
@@ -206,7 +211,8 @@ class LearnedObservable:
     # ---------------------------------------------------------------- training
 
     def _train(self, delay: torch.Tensor) -> None:
-        """Adam on psi with the losses of the module docs. Shape: delay [B, T', W(h+1)]."""
+        """Adam on psi with the losses of the module docs. Mini-batches are drawn from a CPU
+        generator (the same batches on every device). Shape: delay [B, T', W(h+1)]."""
         psi = self.psi_.requires_grad_(True).train()
         generator = torch.Generator().manual_seed(self.seed)
         n_traj, n_windows = delay.shape[:2]
@@ -218,8 +224,8 @@ class LearnedObservable:
                          leave=False):
             # curriculum: the horizon grows from 1 to K over the first half of the budget
             k_max = max(1, min(horizon, 1 + (2 * step * horizon) // max(steps, 1)))
-            index = torch.randperm(n_traj, generator=generator)[:batch]
-            loss = self._loss(delay[index], k_max, generator)
+            index = torch.randperm(n_traj, generator=generator, device="cpu")[:batch]
+            loss = self._loss(delay[index.to(delay.device)], k_max, generator)
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(psi.parameters(), 1.0)
@@ -235,7 +241,8 @@ class LearnedObservable:
         Y = lifted[:, 1:].reshape(-1, D).double()
         gram = X.T @ X
         lam = self.ridge * gram.diagonal().mean() + 1e-12
-        K = torch.linalg.solve(gram + lam * torch.eye(D, dtype=gram.dtype), X.T @ Y).float()
+        eye = torch.eye(D, dtype=gram.dtype, device=gram.device)
+        K = torch.linalg.solve(gram + lam * eye, X.T @ Y).float()
         n_state = delay.shape[2]
         state_var = delay.var(dim=(0, 1), correction=0).sum() + 1e-8
         latent_var = latent.detach().var(dim=(0, 1), correction=0).sum() + 1e-8
@@ -250,7 +257,8 @@ class LearnedObservable:
                                           - latent[:, k:]) ** 2).sum(-1).mean() / latent_var
         flat_z = ((delay[..., :len(self.mean_)] - self.mean_) / self.std_
                   ).reshape(-1, len(self.mean_))
-        pick = torch.randperm(len(flat_z), generator=generator)[:256]
+        pick = torch.randperm(len(flat_z), generator=generator, device="cpu")[:256]
+        pick = pick.to(flat_z.device)
         d_in = torch.cdist(flat_z[pick], flat_z[pick])
         d_out = torch.cdist(latent.reshape(-1, latent.shape[2])[pick],
                             latent.reshape(-1, latent.shape[2])[pick])

@@ -40,7 +40,7 @@ class TimeDelay:
     def fit(self, states: torch.Tensor) -> TimeDelay:
         self.n_delays_ = check_int(self.n_delays, "n_delays", low=0)
         states = as_tensor(states, "states", ndim=3)
-        self.n_features_in_ = states.shape[2]
+        self.n_features_in_, self.device_ = states.shape[2], states.device
         self.n_output_features_ = self.n_features_in_ * (self.n_delays_ + 1) + int(self.constant)
         return self
 
@@ -69,11 +69,13 @@ class TimeDelay:
     def readout(self, n_out: int | None = None) -> torch.Tensor:
         """Matrix that maps lifted coordinates back to the newest state's first ``n_out`` neurons.
 
-        Shape: [n_out, D]; a selection, because the state is part of the lifted vector.
+        Shape: [n_out, D]; a selection, because the state is part of the lifted vector. On the
+        device of the fitted states (``device_``), where the DMD fitted on them lives.
         """
         check_is_fitted(self, "n_features_in_")
         n_out = self.n_features_in_ if n_out is None else n_out
-        return torch.eye(n_out, self.n_output_features_, dtype=torch.float64)
+        return torch.eye(n_out, self.n_output_features_, dtype=torch.float64,
+                         device=self.device_)
 
     def feature_names(self) -> list[str]:
         """Labels such as ``x3(t-2)`` for each lifted coordinate."""
@@ -118,7 +120,7 @@ class _Dictionary:
         self.n_delays_ = check_int(self.n_delays, "n_delays", low=0)
         states = as_tensor(states, "states", ndim=3)
         self._delay = TimeDelay(self.n_delays_).fit(states)
-        self.n_features_in_ = states.shape[2]
+        self.n_features_in_, self.device_ = states.shape[2], states.device
         delay = self._delay.transform(states)  # [B, T-h, W(h+1)]
         self._fit_features(delay.reshape(-1, delay.shape[2]))  # rows [n, W(h+1)]
         n_delay = delay.shape[2] if self.include_state else 0
@@ -157,13 +159,14 @@ class _Dictionary:
     def readout(self, n_out: int | None = None) -> torch.Tensor:
         """Map from lifted coordinates to the newest state's first ``n_out`` neurons.
 
-        A selection when the state is in the dictionary, else the fitted ``readout_``.
-        Shape: [n_out, D].
+        A selection when the state is in the dictionary, else the fitted ``readout_``; on the
+        device of the fitted states. Shape: [n_out, D].
         """
         check_is_fitted(self, "n_output_features_")
         n_out = self.n_features_in_ if n_out is None else n_out
         if self.include_state:
-            return torch.eye(n_out, self.n_output_features_, dtype=torch.float64)
+            return torch.eye(n_out, self.n_output_features_, dtype=torch.float64,
+                             device=self.device_)
         return self.readout_[:n_out]
 
     def feature_names(self) -> list[str]:
@@ -203,7 +206,8 @@ class Polynomial(_Dictionary):
     def _features(self, delay: torch.Tensor) -> torch.Tensor:
         columns = []
         for k in range(2, self.degree + 1):
-            index = torch.tensor([c for c in self.powers_ if len(c) == k], dtype=torch.long)
+            index = torch.tensor([c for c in self.powers_ if len(c) == k], dtype=torch.long,
+                                 device=delay.device)
             if len(index):
                 columns.append(delay[:, index].prod(dim=2))  # [n, F_k]
         return torch.cat(columns, dim=1)  # [n, n_extra]
@@ -242,11 +246,14 @@ class RandomFourier(_Dictionary):
         self.mean_ = delay.mean(0)  # [W(h+1)]
         self.std_ = delay.std(0, correction=0)  # [W(h+1)]
         self.std_[self.std_ < 1e-8] = 1.0  # constant inputs (padding, dead units) stay unscaled
+        # drawn on the CPU and moved, so the features are the same on every device
         generator = torch.Generator().manual_seed(check_int(self.seed, "seed"))
-        self.frequencies_ = torch.randn(delay.shape[1], self.n_extra_, generator=generator,
-                                        dtype=torch.float64) / scale  # [W(h+1), F]
-        self.phases_ = 2 * math.pi * torch.rand(self.n_extra_, generator=generator,
-                                                dtype=torch.float64)  # [F]
+        frequencies = torch.randn(delay.shape[1], self.n_extra_, generator=generator,
+                                  dtype=torch.float64, device="cpu")  # [W(h+1), F]
+        phases = torch.rand(self.n_extra_, generator=generator, dtype=torch.float64,
+                            device="cpu")  # [F]
+        self.frequencies_ = frequencies.to(delay.device) / scale
+        self.phases_ = 2 * math.pi * phases.to(delay.device)
 
     def _features(self, delay: torch.Tensor) -> torch.Tensor:
         z = (delay.to(torch.float64) - self.mean_) / self.std_  # [n, W(h+1)]

@@ -21,12 +21,17 @@ from koopnet.observables import TimeDelay, snapshot_pairs
 
 
 class TrajectoryMoments:
-    """Running second moments of whole trajectories. Shape: update(states [B, T, W])."""
+    """Running second moments of whole trajectories. Shape: update(states [B, T, W]).
 
-    def __init__(self, n_states: int, width: int, dtype: torch.dtype = torch.float64) -> None:
+    The moments live on ``device`` (the states of each update are moved there), so trajectories
+    collected on a GPU can be summed on the CPU, or kept on the GPU, as memory allows.
+    """
+
+    def __init__(self, n_states: int, width: int, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> None:
         self.n_states, self.width = n_states, width
         size = n_states * width + 1
-        self.moments = torch.zeros(size, size, dtype=dtype)
+        self.moments = torch.zeros(size, size, dtype=dtype, device=device)
         self.n_trajectories = 0
 
     def update(self, states: torch.Tensor) -> TrajectoryMoments:
@@ -34,7 +39,8 @@ class TrajectoryMoments:
         if tuple(states.shape[1:]) != (self.n_states, self.width):
             raise ValueError(f"states have shape [B, {states.shape[1]}, {states.shape[2]}]; "
                              f"expected [B, {self.n_states}, {self.width}].")
-        flat = states.reshape(len(states), -1).to(self.moments.dtype)  # [B, T*W]
+        flat = states.reshape(len(states), -1)  # [B, T*W]
+        flat = flat.to(self.moments.device, self.moments.dtype)
         stacked = torch.cat([flat, flat.new_ones(len(flat), 1)], dim=1)  # [B, T*W+1]
         self.moments += stacked.T @ stacked
         self.n_trajectories += len(states)
@@ -47,10 +53,11 @@ class TrajectoryMoments:
 
     def _window(self, t: int, n_delays: int, constant: bool) -> torch.Tensor:
         """Indices into v of g_t = [s_t, s_{t-1}, ..., s_{t-h}] (+ the constant)."""
-        W = self.width
-        blocks = [torch.arange(j * W, (j + 1) * W) for j in range(t, t - n_delays - 1, -1)]
+        W, device = self.width, self.moments.device
+        blocks = [torch.arange(j * W, (j + 1) * W, device=device)
+                  for j in range(t, t - n_delays - 1, -1)]
         if constant:
-            blocks.append(torch.tensor([self.n_states * W]))
+            blocks.append(torch.tensor([self.n_states * W], device=device))
         return torch.cat(blocks)
 
     def pair_statistics(self, n_delays: int, *, constant: bool = False) -> PairStatistics:
@@ -77,23 +84,25 @@ class SeriesMoments:
     give every block of X^T X, Y^T X and Y^T Y for any h <= h_max: block (i, j) of the
     delay-h Gram is a lag-(j-i) moment minus the few outer products that fall outside the
     pair range at the two ends of the series (kept in ``head`` and ``tail``). One pass costs
-    n W^2 (h_max+2) instead of n (W(h+1))^2 per h. Rows stream in order through ``update``.
+    n W^2 (h_max+2) instead of n (W(h+1))^2 per h. Rows stream in order through ``update``
+    and are moved to ``device``, where the moments live.
     """
 
-    def __init__(self, width: int, max_delays: int, dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, width: int, max_delays: int, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> None:
         self.width = check_int(width, "width", low=1)
         self.max_delays = check_int(max_delays, "max_delays", low=0)
         self.n_lags = self.max_delays + 2  # Y^T X reaches lag h+1
-        self.lags = torch.zeros(self.n_lags, width, width, dtype=dtype)  # [K, W, W]
-        self.total = torch.zeros(width, dtype=dtype)
-        self.head = torch.zeros(0, width, dtype=dtype)  # first K rows
-        self.tail = torch.zeros(0, width, dtype=dtype)  # last 2K rows
+        self.lags = torch.zeros(self.n_lags, width, width, dtype=dtype, device=device)  # [K, W, W]
+        self.total = torch.zeros(width, dtype=dtype, device=device)
+        self.head = torch.zeros(0, width, dtype=dtype, device=device)  # first K rows
+        self.tail = torch.zeros(0, width, dtype=dtype, device=device)  # last 2K rows
         self.n_rows = 0
         self._last: tuple[tuple[int, bool], PairStatistics] | None = None
 
     def update(self, rows: torch.Tensor) -> SeriesMoments:
         """Append the next rows of the series. Shape: rows [b, W]."""
-        rows = as_tensor(rows, "rows", ndim=2).to(self.lags.dtype)
+        rows = as_tensor(rows, "rows", ndim=2).to(self.lags.device, self.lags.dtype)
         if rows.shape[1] != self.width:
             raise ValueError(f"rows have width {rows.shape[1]}; expected {self.width}.")
         K = self.n_lags
@@ -161,7 +170,7 @@ class SeriesMoments:
                 return out
             col = torch.cat([self._sum(a, lo, hi) for a in left])[:, None]
             row = torch.cat([self._sum(b, lo, hi) for b in right])[None, :]
-            count = torch.tensor([[hi - lo + 1]], dtype=out.dtype)
+            count = torch.tensor([[hi - lo + 1]], dtype=out.dtype, device=out.device)
             return torch.cat([torch.cat([out, col], 1), torch.cat([row, count], 1)], 0)
 
         stats = PairStatistics(gram(x_shift, x_shift), gram(y_shift, x_shift),

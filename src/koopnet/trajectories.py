@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_finite, check_int
+from koopnet.models import model_device
 from koopnet.scaling import ScaledMLP
 
 PAD_VALUE = -1.0
@@ -53,9 +54,10 @@ def collect_trajectories(scaled: ScaledMLP, X: torch.Tensor, *, batch_size: int 
                          pad_value: float = PAD_VALUE) -> Trajectories:
     """Record every stage output of ``scaled`` with forward hooks, in eval mode, batched.
 
+    ``X`` moves to the model's device, where the states stay.
     Shape: X [B, features] -> states [B, T = n_inserted + 2, W].
     """
-    X = as_tensor(X, "X", ndim=2)
+    X = as_tensor(X, "X", ndim=2).to(model_device(scaled))
     batch_size = check_int(batch_size, "batch_size", low=1)
     expected = scaled.head[0].in_features
     if X.shape[1] != expected:
