@@ -30,6 +30,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "TimeDelay": ("koopnet.observables", "TimeDelay"),
     "DMD": ("koopnet.dmd", "DMD"),
     "KoopmanHybrid": ("koopnet.hybrid", "KoopmanHybrid"),
+    "KoopmanTarget": ("koopnet.submodule", "KoopmanTarget"),
     "linearize": ("koopnet.linearization", "linearize"),
     "fit_hybrid": ("koopnet.linearization", "fit_hybrid"),
     **{name: ("koopnet.depth", name) for name in ("linearize_depth", "DepthHybrid")},
@@ -47,7 +48,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
     "DMD", "ArtifactError", "DataSplits", "DepthHybrid", "FitSpec", "KoopmanHybrid",
-    "LearnedObservable", "NotFittedError", "ScaledMLP", "ScaledModel", "ScalingSpec", "Split",
+    "KoopmanTarget", "LearnedObservable", "NotFittedError", "ScaledMLP", "ScaledModel",
+    "ScalingSpec", "Split",
     "TimeDelay", "TrainConfig", "Trajectories", "__version__", "abs_below", "accuracy",
     "build_mlp", "collect_trajectories", "edit_modes", "fit_hybrid", "forget_class",
     "idx_splits", "linearize", "linearize_depth", "load_hybrid", "load_model", "load_model_files",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet.scaling import ScaledMLP, ScalingSpec, scale_layer
     from koopnet.scaling import ScaledMLP as ScaledModel
     from koopnet.spec import FitSpec
+    from koopnet.submodule import KoopmanTarget
     from koopnet.trajectories import Trajectories, collect_trajectories
 
 
