@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     from koopnet.cli.edit import add_edit_parser
 
     add_edit_parser(sub)
+    from koopnet.cli.suggest import add_suggest_parser
+
+    add_suggest_parser(sub)
     return parser
 
 

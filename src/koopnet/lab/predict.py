@@ -6,6 +6,8 @@ scaled network: if the replaced map from the lifted delay vector g_h to the repl
 output s_{T-1} is close to linear, and the DMD operator fitted on the lifted pairs predicts
 both one step and the whole roll-out well on held-out trajectories, the hybrid should lose
 little accuracy. ``rank_correlation`` measures how well a score orders the measured drops.
+``layer_cells`` scores every h of one layer, and ``calibrated_threshold`` turns a tolerance into a
+score threshold for :func:`suggest` (what ``koopnet suggest`` runs).
 
 Three scores, each "higher = worse" so all should correlate positively with the drop:
 
@@ -27,6 +29,19 @@ from koopnet.dmd import DMD
 from koopnet.observables import TimeDelay, snapshot_pairs
 
 SCORES = ("unexplained", "residual", "rollout")
+
+#: The threshold ``koopnet suggest`` uses without a calibration file: per tolerance (a fraction
+#: of accuracy), :func:`calibrate` of the held-out one-step residual over the 99 (layer, h)
+#: cells of clean Yin-Yang seeds 0, 1, 2 in benchmarks/results/predict_drop.json (commit
+#: 006d113). A tolerance between two entries uses the smaller one (the stricter threshold).
+BUILTIN_CALIBRATION = {
+    "score": "residual",
+    "source": "built-in: clean Yin-Yang seeds 0-2, 99 cells of benchmarks/predict_drop.py "
+              "(commit 006d113)",
+    "thresholds": {0.0025: 0.004441185502234935, 0.005: 0.005990685371268233,
+                   0.01: 0.005990685371268233, 0.02: 0.005990685371268233,
+                   0.05: 0.009306130520229638},
+}
 
 
 def _check_states(train_states, val_states, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,3 +164,51 @@ def calibrate(cells: list[dict], score: str, tolerance: float) -> float:
     limit = min(failing) if failing else math.inf
     passing = [c[score] for c in cells if c["drop"] <= tolerance and c[score] < limit]
     return max(passing) if passing else -math.inf
+
+
+def layer_cells(train_states, val_states, layer: int, *, delays=None,
+                out_width: int | None = None, **options) -> list[dict]:
+    """:func:`drop_scores` of every delay h of one scaled layer, one cell per h.
+
+    ``delays``: the h to score (default every h with at least one linear step). ``options`` go
+    to :func:`drop_scores`. Shape: train_states [B, T, W], val_states [B', T, W].
+    """
+    n_states = as_tensor(train_states, "train_states", ndim=3).shape[1]
+    delays = range(n_states - 1) if delays is None else delays
+    cells = []
+    for h in delays:
+        scores = drop_scores(train_states, val_states, h, out_width=out_width, **options)
+        cells.append({"layer": layer, "h": h, "linear_steps": n_states - 1 - h, **scores})
+    return cells
+
+
+def calibrated_threshold(calibration: dict, score: str, tolerance: float) -> tuple[float, dict]:
+    """The score threshold for ``tolerance`` (a fraction of accuracy) and what it came from.
+
+    ``calibration`` holds ``cells`` with the score and a measured ``drop`` (such as
+    benchmarks/results/predict_drop.json), calibrated here with :func:`calibrate`; or, as
+    :data:`BUILTIN_CALIBRATION`, ``thresholds`` per tolerance, the largest tolerance not above
+    ``tolerance`` being used. Returns (threshold, a record of the calibration for the output).
+    """
+    tolerance = check_float(tolerance, "tolerance", low=0.0)
+    record = {"source": calibration.get("source", "calibration"), "score": score}
+    if "cells" in calibration:
+        usable = [c for c in calibration["cells"] if score in c and "drop" in c]
+        if not usable:
+            raise ValueError(f"the calibration '{record['source']}' has no cells with both "
+                             f"'{score}' and 'drop'; write one with benchmarks/predict_drop.py.")
+        threshold = calibrate(usable, score, tolerance)
+        return threshold, {**record, "tolerance": tolerance, "threshold": threshold,
+                           "n_cells": len(usable)}
+    if calibration.get("score") != score:
+        raise ValueError(f"the {record['source']} calibration scores "
+                         f"{calibration.get('score')!r}, not {score!r}; pass a calibration "
+                         f"file with '{score}' cells (benchmarks/predict_drop.py writes one).")
+    covered = sorted(t for t in calibration["thresholds"] if t <= tolerance + 1e-12)
+    if not covered:
+        smallest = min(calibration["thresholds"])
+        raise ValueError(f"tolerance {100 * tolerance:g} point is below the smallest one the "
+                         f"{record['source']} calibration covers ({100 * smallest:g} point); "
+                         "pass a calibration file (benchmarks/predict_drop.py writes one).")
+    threshold = calibration["thresholds"][covered[-1]]
+    return threshold, {**record, "tolerance": covered[-1], "threshold": threshold}
