@@ -13,6 +13,7 @@ on the GPU and compare against the CPU run.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,9 +25,12 @@ from torch.overrides import TorchFunctionMode
 import koopnet
 from koopnet import LearnedObservable, TrainConfig, edit_modes, fit_hybrid, linearize
 from koopnet import depth as depth_module
+from koopnet.cli.main import main
 from koopnet.depth import linearize_depth
 from koopnet.dmd import DMD, PairStatistics
 from koopnet.editing import forget_class, mode_attribution
+from koopnet.lab.devices import resolve_device
+from koopnet.lab.protocols import environment
 from koopnet.models import build_mlp
 from koopnet.observables import Polynomial, RandomFourier, TimeDelay
 from koopnet.streaming import SeriesMoments, TrajectoryMoments, fit_series, series_statistics
@@ -209,3 +213,49 @@ def test_observables_and_streaming_keep_the_states_device(device, audit):
                    series_statistics([states], 1, constant=True).xx]
     for tensor in results:
         _check_on(tensor, device)
+
+
+# ----------------------------------------------------------------------------- --device
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("gpu", r"--device gpu: not a device koopnet runs on; pass one of cpu, cuda, cuda:N or auto"),
+    ("cuda:x", r"--device cuda:x: not a device"),
+])
+def test_resolve_device_refuses_unknown_names(name, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_device(name)
+
+
+def test_resolve_device_cpu_auto_and_absent_cuda(monkeypatch):
+    assert resolve_device("CPU") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device cuda: CUDA is not available on this "
+                                         r"machine; use --device cpu"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"--device cuda:3: this machine has 1 CUDA device"):
+        resolve_device("cuda:3")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--dataset", "yinyang"], ["reproduce", "yinyang", "--quick"],
+    ["study", "yinyang", "--quick"], ["evaluate", "FIT"], ["fit", "SCALE", "--n-delays", "1"],
+])
+def test_cli_refuses_an_absent_device_in_one_line(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*argv, "--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("koopnet: error: --device cuda: CUDA is not available on this machine; use "
+                   "--device cpu (or auto).")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_records_the_device(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["--quiet", "train", "--dataset", "yinyang", "--epochs", "1", "--out",
+                 str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "model.json").read_text())["config"]["device"] == "cpu"
+    assert environment("cpu")["device"] == "cpu"

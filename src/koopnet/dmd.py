@@ -242,6 +242,16 @@ class DMD:
         z = z @ torch.linalg.matrix_power(self.operator_, n_steps).T  # [n, R]
         return z @ self.basis_.T  # [n, D]
 
+    def to(self, device: torch.device | str) -> DMD:
+        """Move the fitted tensors (and cached eigendecomposition) to ``device``, in place as
+        ``nn.Module.to`` does; returns self."""
+        check_is_fitted(self, "operator_")
+        for name in ("basis_", "singular_values_", "operator_", "_projected"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self._eig is not None:
+            self._eig = tuple(t.to(device) for t in self._eig)
+        return self
+
     def __repr__(self) -> str:
         extra = ", exact_rollout=True" if self.exact_rollout else ""
         return f"DMD(rank={self.rank!r}, tikhonov={self.tikhonov!r}{extra})"

@@ -22,10 +22,10 @@ log = logging.getLogger("koopnet")
 def cmd_reproduce(args: argparse.Namespace) -> int:
     seed_given = args.seed is not None  # reproduce's --seed defaults to None, meaning 0
     args.seed = 0 if args.seed is None else args.seed
-    if args.dataset == "resmlp-mnist":
-        return _reproduce_depth(args, seed_given)
-    if args.dataset == "vit-mnist":
-        return _reproduce_vit(args, seed_given)
+    if args.dataset in ("resmlp-mnist", "vit-mnist"):
+        _cpu_only(args, f"reproduce {args.dataset}")
+        return (_reproduce_depth if args.dataset == "resmlp-mnist" else _reproduce_vit)(
+            args, seed_given)
     if args.seeds is not None:
         raise ValueError(f"--seeds applies to resmlp-mnist only; for {args.dataset} pass one "
                          "--seed per run.")
@@ -38,7 +38,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, force=args.force)
     log.info("reproducing %s (%s protocol, seed %d) into %s", args.dataset, args.protocol,
              args.seed, out)
-    results, figures = run_experiment(config, progress=not args.quiet)
+    results, figures = run_experiment(config, progress=not args.quiet, device=args.device)
     with staged_folder(out, force=args.force) as stage:
         write_run(stage, results, figures, pdf=args.pdf)
     selected = results["selected"]
@@ -100,6 +100,12 @@ def _reproduce_vit(args: argparse.Namespace, seed_given: bool) -> int:
     return 0
 
 
+def _cpu_only(args: argparse.Namespace, command: str) -> None:
+    if args.device.type != "cpu":
+        raise ValueError(f"--device {args.device}: koopnet {command} runs on the CPU only so "
+                         "far; use --device cpu.")
+
+
 def _widths(text: str) -> list[int]:
     """``--widths 2,8,6,4,3,2`` -> [2, 8, 6, 4, 3, 2]."""
     try:
@@ -120,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        activation=args.activation, labels=args.labels, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                        data_dir=args.data_dir, n_val=args.n_val, force=args.force,
-                       progress=not args.quiet)
+                       progress=not args.quiet, device=args.device)
     metrics = json.loads(path.read_text())["config"]["metrics"]
     print(json.dumps({"out": str(path.parent), **metrics}))
     return 0
@@ -133,7 +139,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                        data=args.data, labels=args.labels, layer=args.layer,
                        n_inserted=args.n_inserted, init=args.init, epochs=args.epochs,
                        seed=args.seed, data_dir=args.data_dir, force=args.force,
-                       progress=not args.quiet)
+                       progress=not args.quiet, device=args.device)
     report = json.loads(path.read_text())["config"]["report"]
     print(json.dumps({"out": str(path.parent), "scaling_ok": report["ok"],
                       "agreement": report["agreement"], "init": report["init"]}))
@@ -154,11 +160,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError("koopnet fit needs either a scale-stage folder (koopnet fit SCALE_DIR "
                          "...) or --trajectories PATH, not both.")
     if args.trajectories is not None:
+        _cpu_only(args, "fit --trajectories")
         return fit_command(args)
     from koopnet.cli.stages import stage_fit
 
     path = stage_fit(args.out, scale_dir=args.scale_dir, spec=spec_from_args(args),
-                     force=args.force)
+                     force=args.force, device=args.device)
     config = json.loads(path.read_text())["config"]
     print(json.dumps({"out": str(path.parent), "n_delays": config["fit"]["n_delays"],
                       "rank_": config["rank_"], "n_pairs": config["n_pairs"]}))
@@ -169,7 +176,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from koopnet.cli.stages import stage_evaluate
 
     path = stage_evaluate(args.out, fit_dir=args.fit_dir, data=args.data, labels=args.labels,
-                          data_dir=args.data_dir, force=args.force)
+                          data_dir=args.data_dir, force=args.force, device=args.device)
     print(json.dumps({"out": str(path.parent),
                       "metrics": json.loads(path.read_text())["metrics"]}))
     return 0
@@ -207,6 +214,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from koopnet.lab.spectra import make_figures, save_spectra
     from koopnet.lab.study import run_study
 
+    _cpu_only(args, "study")
     out = check_output_dir(args.out, force=args.force)
     seeds = list(range(args.seed, args.seed + check_int(args.seeds, "--seeds", low=1)))
     results, figures, tensors = run_study(args.dataset, seeds=seeds, quick=args.quick,
@@ -234,6 +242,11 @@ def _add_common(parser: argparse.ArgumentParser, *, seed: bool = True, data_dir:
     if pdf:
         parser.add_argument("--pdf", action="store_true", help="also write PDF figures")
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_device(parser)
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
 
 def _add_stage_parsers(sub) -> None:
@@ -322,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streamed, sharded DMD fit from a trajectory file (torchrun-ready)"),
         stage=True)
     fit.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
+    _add_device(fit)
     fit.set_defaults(func=cmd_fit)
     evaluate = sub.add_parser("evaluate", help="stage 4: accuracy of original, scaled and "
                                                "hybrid -> results.json")
@@ -357,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if "device" in args:
+            from koopnet.lab.devices import resolve_device
+
+            args.device = resolve_device(args.device)
         return args.func(args)
     except KeyboardInterrupt:
         print("koopnet: interrupted; files written so far are complete and intact",

@@ -38,6 +38,7 @@ from koopnet.io.datasets import (
     raw_images,
     yinyang_splits,
 )
+from koopnet.lab.devices import device_record
 from koopnet.lab.recipes import ExperimentConfig
 from koopnet.models import accuracy, build_mlp, train_classifier
 from koopnet.observables import TimeDelay
@@ -118,6 +119,14 @@ def _paper_idx_data(config: ExperimentConfig, root, name: str) -> ProtocolData:
                         n_classes=n_classes)
 
 
+def data_on(data: ProtocolData, device: torch.device) -> ProtocolData:
+    """Every split of ``data`` on ``device`` (the data follows the model)."""
+    moved = {f.name: Split(value.X.to(device), value.y.to(device))
+             for f in dataclasses.fields(data)
+             if isinstance(value := getattr(data, f.name), Split)}
+    return dataclasses.replace(data, **moved)
+
+
 def _clean_data(splits: DataSplits) -> ProtocolData:
     return ProtocolData(base=splits.train, scaling=splits.train, trajectories=splits.train,
                         val=splits.val, test=splits.test, held_out=None,
@@ -134,7 +143,7 @@ def train_base(config: ExperimentConfig, data: ProtocolData, progress: bool,
     best, best_acc = None, -1.0
     for attempt in range(attempts):
         torch.manual_seed(config.seed + 7919 * attempt)
-        model = build_mlp(widths, config.activation)
+        model = build_mlp(widths, config.activation).to(data.base.X.device)  # drawn on the CPU
         train_classifier(model, data.base.X, data.base.y, config.base,
                          seed=config.seed + attempt, progress=progress)
         train_acc = accuracy(model, data.base.X, data.base.y)
@@ -206,13 +215,15 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     bar = tqdm(grid, desc=f"DMD sweep layer {scaled.layer}", disable=not progress, leave=False)
     moments, series = None, {}
     if config.pairing == "trajectory":
-        moments = TrajectoryMoments(train.n_states, train.states.shape[2])
+        moments = TrajectoryMoments(train.n_states, train.states.shape[2],
+                                    device=train.states.device)
         for start in range(0, len(train), 8192):
             moments.update(train.states[start:start + 8192])
     else:  # the paper's one concatenated series per M; lag moments serve every h
         for m in counts:
             flat = train.subset(slice(0, m)).concatenated()[0]  # [m*T, W]
-            series[m] = (flat, SeriesMoments(flat.shape[1], max(config.delays)).update(flat))
+            series[m] = (flat, SeriesMoments(flat.shape[1], max(config.delays),
+                                             device=flat.device).update(flat))
     for m, h, constant in bar:
         observable = TimeDelay(h, constant=constant).fit(train.states)
         if moments is not None:
@@ -255,17 +266,19 @@ def select(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_accuracy"], r["linear_steps"], -r["rank_resolved"]))
 
 
-def environment() -> dict:
+def environment(device: torch.device | str = "cpu") -> dict:
     return {"koopnet": __version__, "torch": torch.__version__,
-            "python": platform.python_version(), "device": "cpu",
+            "python": platform.python_version(), **device_record(device),
             "threads": torch.get_num_threads()}
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> tuple[dict, dict]:
-    """Run the whole protocol. Returns (results dict with schema 1, artifacts for figures)."""
+def run_experiment(config: ExperimentConfig, *, progress: bool = True,
+                   device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """Run the whole protocol on ``device`` (see :mod:`koopnet.lab.devices`). Returns (results
+    dict with schema 1, artifacts for figures)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    data = load_protocol_data(config)
+    data = data_on(load_protocol_data(config), torch.device(device))
     timings["data"] = time.perf_counter() - clock
     # record the widths actually trained: an idx:PATH set brings its own input and class counts
     config = dataclasses.replace(
@@ -304,7 +317,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> tuple[
         "original": original, "scaled": scaled_rows, "sweep": sweep, "selected": selected,
         "selected_per_layer": [v["best"] for v in figures["layers"].values()],
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "environment": environment(),
+        "environment": environment(device),
     }
     if config.protocol == "paper" and data.held_out is None:
         results["selection_note"] = ("paper protocol: 'selected' is the best row on the test "
