@@ -604,3 +604,61 @@ def dataclasses_replace(config, **changes):
 
     return dataclasses.replace(config, **changes)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# linearize(model, target=...): any submodule; the same one-line rule
+
+
+class _TokenBlock(nn.Module):
+    """[B, L, 4] -> [B, 2] through a LayerNorm and a token-wise MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.mlp = nn.Sequential(nn.Linear(4, 4), nn.GELU())
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.mlp(self.norm(x)).mean(1))
+
+
+def lin_target(**kwargs):
+    torch.manual_seed(0)
+    kwargs = {"model": _TokenBlock(), "target": "mlp", "data": torch.randn(8, 3, 4),
+              "n_inserted": 2, "n_delays": 1, "scaling_config": TINY, **kwargs}
+    return linearize(**kwargs)
+
+
+TARGET_CASES = {
+    "unknown target": (lambda: lin_target(target="mlp.5"), ValueError,
+                       r"target 'mlp\.5' is not a submodule of the model; valid names include "
+                       r"'norm', 'mlp', 'mlp\.0'"),
+    "target is the model": (lambda: lin_target(target=""), ValueError,
+                            r"target='' is the model itself; name one of its submodules"),
+    "target not a module": (lambda: lin_target(target="norm.weight"), TypeError,
+                            r"target 'norm\.weight' is a Parameter, not an nn\.Module"),
+    "target takes ints": (lambda: lin_target(model=nn.Sequential(nn.Embedding(5, 4),
+                                                                 nn.Linear(4, 2)),
+                                             target="0", data=torch.randint(0, 5, (8, 3))),
+                          TypeError, r"target '0' takes a torch\.int64 tensor of shape \[8, 3\]"),
+    "data does not fit": (lambda: lin_target(data=torch.randn(8, 3, 5)), ValueError,
+                          r"data of shape \[8, 3, 5\] does not fit the model: it raised "
+                          r"RuntimeError: .*Pass inputs \[n, \.\.\.\] shaped as the model takes"),
+    "no inserted block": (lambda: lin_target(n_inserted=0), ValueError,
+                          r"n_inserted=0 must be >= 1"),
+    "layer and target": (lambda: lin_target(layer=1), ValueError,
+                         r"pass exactly one of layer=k \(a hidden layer of a Sequential MLP\) "
+                         r"and target='name'"),
+    "model not a module": (lambda: lin_target(model=lambda x: x), TypeError,
+                           r"model must be a torch\.nn\.Module; got function"),
+}
+
+
+@pytest.mark.parametrize("case", TARGET_CASES, ids=list(TARGET_CASES))
+def test_target_bad_input(case):
+    call, kind, pattern = TARGET_CASES[case]
+    with pytest.raises(kind, match=pattern) as info:
+        call()
+    assert "\n" not in str(info.value)
+    assert not re.search(INTERNAL, str(info.value)), str(info.value)

@@ -1,13 +1,16 @@
 """The method in one call: scale a layer, collect trajectories, lift, fit, build the hybrid.
 
 ``linearize(model, layer=k, data=X)`` runs the whole method on an ``nn.Sequential`` MLP of
-``[Linear, activation, ..., Linear]`` blocks (Dropout and a trailing Softmax are allowed): it
+``[Linear, activation, ..., Linear]`` blocks (Dropout, a LayerNorm or BatchNorm1d before an
+activation and a trailing Softmax are allowed): it
 scales hidden layer k (inserts ``n_inserted`` width-preserving blocks and trains them, originals
 frozen), collects the trajectories of ``data`` through them, lifts them as a
 :class:`~koopnet.spec.FitSpec` says, fits a DMD and returns the
 :class:`~koopnet.hybrid.KoopmanHybrid`. :func:`fit_hybrid` is the second half of ``linearize``
-for an already scaled model. Everything is checked before any training, so a bad argument
-fails in a second, not after minutes.
+for an already scaled model. ``linearize(model, target="blocks.2.mlp", data=X)`` scales one
+submodule of any ``nn.Module`` instead (:mod:`koopnet.submodule`) and returns a copy of the whole
+model with the target behind the operator. Everything is checked before any training, so a bad
+argument fails in a second, not after minutes.
 
 No I/O happens here: saving is :mod:`koopnet.io.serialize`.
 
@@ -268,16 +271,24 @@ def linearize(model: nn.Module, layer: int | None = None, data=None, *,
 
     Parameters
     ----------
-    model : nn.Sequential
-        A trained MLP ``[Linear, activation, ..., Linear]`` (Dropout and a final Softmax are
-        allowed); it is not modified. float64 models run in float64; float16/bfloat16 models
+    model : nn.Module
+        With ``layer``: a trained MLP ``[Linear, (norm), activation, ..., Linear]`` as an
+        ``nn.Sequential`` (Dropout and a final Softmax are allowed); with ``target``: any
+        module. It is not modified. float64 models run in float64; float16/bfloat16 models
         are scaled in float32 and their hybrid runs in the model's dtype.
     layer : int
         1-based hidden layer k whose output starts the trajectory (the paper's numbering).
     data : Tensor, array or DataLoader
-        Training inputs ``[n, features]``; a DataLoader may yield ``x`` or ``(x, y)``.
+        Training inputs ``[n, features]``; a DataLoader may yield ``x`` or ``(x, y)``. With
+        ``target``: inputs ``[n, ...]`` as the model takes them.
+    target : str, optional
+        Instead of ``layer``: the qualified name (``model.named_modules()``) of a submodule
+        mapping [..., w] -> [..., w'], scaled as :mod:`koopnet.submodule` describes (positions
+        of [B, L, d] inputs are samples over the last dimension). Returns a copy of ``model``
+        with ``dmd_``, ``observable``, ``rank_``, ``n_inserted`` and ``scaled``.
     n_inserted : int
-        Inserted blocks N; trajectories have T = N + 2 states (``steps`` is its old name).
+        Inserted blocks N; trajectories have T = N + 2 states (N + 1 with ``target``;
+        ``steps`` is its old name).
     spec : FitSpec, optional
         How to fit; or the loose keywords ``n_delays`` (default 10), ``rank``, ``tikhonov``,
         ``constant``, ``pairing`` (``protocol`` is its old name).
@@ -297,7 +308,8 @@ def linearize(model: nn.Module, layer: int | None = None, data=None, *,
     Returns
     -------
     KoopmanHybrid
-        An ``nn.Module`` holding ``dmd_``, ``scaling_report_`` and ``scaled_``.
+        An ``nn.Module`` holding ``dmd_``, ``scaling_report_`` and ``scaled_``; with
+        ``target``, the copy of ``model`` described above.
 
     Shape: data [n, features] -> hybrid(x) [n, classes].
 
