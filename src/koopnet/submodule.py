@@ -113,7 +113,7 @@ def _recorder(name: str, calls: list):
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             raise _TargetError(f"target '{name}' returns a {type(output).__name__}, not a "
                                "floating-point tensor; target a module that returns one.")
-        calls.append((x, output))
+        calls.append((x.clone(), output.clone()))  # later in-place ops cannot change them
     return hook
 
 
