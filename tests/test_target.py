@@ -126,6 +126,14 @@ def test_same_seed_same_model_and_one_log_line(caplog):
     assert torch.equal(first(x), second(x))
 
 
+def test_a_dataloader_of_x_y_pairs_gives_the_same_model():
+    X = tokens()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, torch.zeros(48)),
+                                         batch_size=16)
+    x = tokens(3)
+    assert torch.equal(lin(data=loader)(x), lin(data=X)(x))
+
+
 class Twice(nn.Module):
     def __init__(self) -> None:
         super().__init__()

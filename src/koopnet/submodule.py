@@ -34,6 +34,7 @@ from torch import nn
 
 from koopnet._checks import check_finite
 from koopnet.depth_states import check_data
+from koopnet.dmd import DMD
 from koopnet.hybrid import KoopmanHybrid
 from koopnet.models import ACTIVATIONS, TrainConfig, model_device, model_dtype
 from koopnet.observables import TimeDelay, snapshot_pairs
@@ -163,7 +164,7 @@ def capture_target(model, target, data, *, batch_size: int = 1024) -> TargetPair
     return TargetPairs(work, name, a, b, dtype)
 
 
-def fit_states(states: torch.Tensor, spec: FitSpec) -> tuple[TimeDelay, object]:
+def fit_states(states: torch.Tensor, spec: FitSpec) -> tuple[TimeDelay, DMD]:
     """The fitted observable and DMD of ``spec`` on trajectories ``states`` [n, T, W]."""
     observable = spec.observable().fit(states)
     dmd = spec.dmd()
