@@ -18,6 +18,17 @@ Two views of a state that is more than a vector (tokens [B, L, d], feature maps 
   per-token DMD along the depth of vision transformers. It cannot move information between
   positions, which is the price of its much smaller size.
 
+Large states, and every fit under an initialised ``torch.distributed`` group of more than one
+rank (``torchrun --nproc_per_node N script.py``), take the streamed route: the states are
+summed into :class:`~koopnet.streaming.TrajectoryMoments` batch by batch, each rank running
+the model on its own contiguous shard of ``data`` only, and one all-reduce adds the moments
+up, so every rank returns the same hybrid. Smaller states in one process are fitted in memory
+(SVD of the lifted pairs). The two routes fit the same pairs, without centering, and give the
+same operator up to rounding, which the Gram route's squared condition number amplifies to
+about eps * cond(X)^2; a singular value between the two routes' noise floors (SVD:
+max(n, D) eps S_max, Gram: sqrt(D eps) S_max) is kept by one and cut by the other, so compare
+near-singular lifts at an explicit ``rank``.
+
 The fit is exact DMD by default (``exact_rollout=True``): within-trajectory pairs never hold the
 last state as an input, so the projected roll-out would be confined to the span of states the
 last step never visits (see :class:`koopnet.dmd.DMD`). States are fitted in float64 whatever the
@@ -42,6 +53,7 @@ model's dtype; the map is applied in the states' own dtype and follows the model
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -55,11 +67,11 @@ from koopnet.depth_states import (
     resolve_blocks,
     to_rows,
 )
+from koopnet.distributed import is_distributed, sharded_statistics
 from koopnet.dmd import DMD
 from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.spec import FitSpec
-from koopnet.streaming import TrajectoryMoments
 
 __all__ = ["DepthHybrid", "collect_depth_states", "linearize_depth"]
 
@@ -258,32 +270,41 @@ def linearize_depth(model: nn.Module, blocks, data, *, spec: FitSpec | None = No
         check_finite(value, f"model parameter '{key}'",
                      " The model diverged or was saved broken; retrain or re-export it.")
     X = check_data(model, data)
-    runs = depth_runs(model, names, X, batch_size)
-    try:
-        return _fit(model, names, X, spec, runs, per_position, batch_size)
-    finally:
-        runs.close()  # removes the hooks at once, even when the fit fails
-
-
-def _fit(model, names, X, spec, runs, per_position, batch_size) -> DepthHybrid:
-    n_states, h = len(names) + 1, spec.n_delays
-    first = torch.stack([to_rows(s, per_position) for s in next(runs)], dim=1)  # [N, T, W]
-    rows_per_sample, width = len(first) // min(len(X), batch_size), first.shape[2]
-    observable = spec.observable().fit(first[:1])
+    states_of = functools.partial(_states, model, names, X, per_position, batch_size)
+    probe = _probe(model, names, X, per_position)  # [2 or 2L, T, W]
+    rows_per_sample, width = len(probe) // 2, probe.shape[2]
+    observable = spec.observable().fit(probe[:1])
     check_rank_limit(spec.rank, observable.n_output_features_,
-                     len(X) * rows_per_sample * (n_states - 1 - h))
+                     len(X) * rows_per_sample * (n_states - 1 - spec.n_delays))
     dmd = spec.dmd()
-    if len(X) * rows_per_sample * n_states * width * 8 <= _IN_MEMORY_BYTES:
-        states = torch.cat([first, *(torch.stack([to_rows(s, per_position) for s in batch], 1)
-                                     for batch in runs)]).to(torch.float64)  # [N, T, W]
+    if not is_distributed() and len(X) * rows_per_sample * n_states * width * 8 <= _IN_MEMORY_BYTES:
+        states = states_of(0, len(X)).to(torch.float64)  # [N, T, W]
         check_finite(states, "depth states", " Rescale the inputs or check the model's weights.")
         dmd.fit(observable.transform(states))  # lifted [N, T-h, D]
-    else:
-        moments = TrajectoryMoments(n_states, width).update(first.to(torch.float64))
-        for batch in runs:
-            moments.update(torch.stack([to_rows(s, per_position) for s in batch], 1))
-        check_finite(moments.moments, "depth state moments",
+    else:  # streamed; under torch.distributed each rank runs its shard, one all-reduce
+        stats = sharded_statistics(states_of, len(X), spec.n_delays, constant=spec.constant,
+                                   batch_size=batch_size)
+        check_finite(stats.xx, "depth state moments",  # the same on every rank: all raise
                      " Rescale the inputs or check the model's weights.")
-        dmd.fit_statistics(moments.pair_statistics(h, constant=spec.constant))
+        dmd.fit_statistics(stats)
     return DepthHybrid(model, names, observable, dmd, per_position=per_position).eval()
 
+
+def _states(model, names, X, per_position, batch_size, start: int, stop: int) -> torch.Tensor:
+    """Depth states of samples start..stop-1, run ``batch_size`` at a time. Shape: [b, T, W]."""
+    runs = depth_runs(model, names, X[start:stop], batch_size)
+    try:
+        return torch.cat([torch.stack([to_rows(s, per_position) for s in batch], dim=1)
+                          for batch in runs])
+    finally:
+        runs.close()  # removes the hooks at once, even when a batch fails
+
+
+def _probe(model, names, X, per_position) -> torch.Tensor:
+    """States of the first two samples; data that does not fit the model fails here, named
+    by its whole shape, on every rank before any collective. Shape: [2 or 2L, T, W]."""
+    runs = depth_runs(model, names, X, 2)
+    try:
+        return torch.stack([to_rows(s, per_position) for s in next(runs)], dim=1)
+    finally:
+        runs.close()
