@@ -18,6 +18,7 @@ import torch
 
 from koopnet._checks import check_finite, check_int
 from koopnet._version import __version__
+from koopnet.distributed import agree, is_main, process_group
 from koopnet.io.artifacts import (
     ArtifactError,
     check_output_dir,
@@ -192,27 +193,36 @@ def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
     """``koopnet fit SCALE_DIR``: trajectories of the recorded inputs -> DMD -> hybrid.
 
     Writes ``out/dmd.*`` (the same format as ``koopnet fit --trajectories``) and
-    ``out/hybrid.*``.
+    ``out/hybrid.*``. Under torchrun every rank collects the trajectories of its shard of the
+    inputs, the statistics are all-reduced once (see :func:`koopnet.fit_hybrid`), and rank 0
+    alone writes the folder while the others wait for it to be complete.
     """
-    check_output_dir(out, force=force)
-    folder = _stage_folder(scale_dir, "scaled", "fit", "scale")
-    scaled, meta = load_with_meta(folder, "scaled")
-    splits, record = reload_data(meta, folder / "scaled.json", "scale", "re-run koopnet scale")
-    X, _ = fit_split(splits)
-    _check_inputs_outside(out, folder, *_data_inputs(record))
-    clock = time.perf_counter()
-    hybrid = fit_hybrid(scaled, X, spec=spec)
-    dmd = hybrid.dmd_
-    settings = {"stage": "fit", "data": record, "fit": spec.as_dict(),
-                "n_features": dmd.n_features_in_, "n_pairs": dmd.n_pairs_,
-                "sources": {"scaled": str(folder.resolve())},
-                "seconds": round(time.perf_counter() - clock, 3)}
-    parents = {"scaled": meta["sha256"]}
-    with staged_folder(out, force=force) as stage:
-        save_artifact(stage, "dmd", dmd_tensors(dmd), {**settings, "rank_": dmd.rank_},
-                      kind="dmd", parents=parents)
-        path = save_hybrid(hybrid, stage, "hybrid", metadata=settings, parents=parents)
-    return Path(out) / path.name
+    with process_group() as (_, world):
+        check_output_dir(out, force=force)
+        folder = _stage_folder(scale_dir, "scaled", "fit", "scale")
+        scaled, meta = load_with_meta(folder, "scaled")
+        splits, record = reload_data(meta, folder / "scaled.json", "scale",
+                                     "re-run koopnet scale")
+        X, _ = fit_split(splits)
+        _check_inputs_outside(out, folder, *_data_inputs(record))
+        clock = time.perf_counter()
+        hybrid = fit_hybrid(scaled, X, spec=spec)
+        dmd = hybrid.dmd_
+        settings = {"stage": "fit", "data": record, "fit": spec.as_dict(),
+                    "n_features": dmd.n_features_in_, "n_pairs": dmd.n_pairs_,
+                    "world_size": world, "sources": {"scaled": str(folder.resolve())},
+                    "seconds": round(time.perf_counter() - clock, 3)}
+        parents = {"scaled": meta["sha256"]}
+
+        def write() -> None:
+            with staged_folder(out, force=force) as stage:
+                save_artifact(stage, "dmd", dmd_tensors(dmd), {**settings, "rank_": dmd.rank_},
+                              kind="dmd", parents=parents)
+                save_hybrid(hybrid, stage, "hybrid", metadata=settings, parents=parents)
+
+        # rank 0 writes; the others wait in agree's all-reduce until the folder is whole
+        agree(write if is_main() else lambda: None)
+    return Path(out) / "hybrid.json"
 
 
 def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None = None,
