@@ -214,11 +214,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     from koopnet.lab.spectra import make_figures, save_spectra
     from koopnet.lab.study import run_study
 
-    _cpu_only(args, "study")
     out = check_output_dir(args.out, force=args.force)
     seeds = list(range(args.seed, args.seed + check_int(args.seeds, "--seeds", low=1)))
     results, figures, tensors = run_study(args.dataset, seeds=seeds, quick=args.quick,
-                                          progress=not args.quiet)
+                                          progress=not args.quiet, device=args.device)
     with staged_folder(out, force=args.force) as stage:
         save_spectra(stage, tensors)
         write_json(stage / "results.json", results)

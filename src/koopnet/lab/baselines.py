@@ -37,7 +37,8 @@ def ridge_fit(A: torch.Tensor, B: torch.Tensor, lam: float = 0.0
     A, B = A.to(torch.float64), B.to(torch.float64)
     a_mean, b_mean = A.mean(0), B.mean(0)
     Ac, Bc = A - a_mean, B - b_mean  # [n, p], [n, q]
-    gram = Ac.T @ Ac + lam * len(A) * torch.eye(A.shape[1], dtype=A.dtype)  # [p, p]
+    eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+    gram = Ac.T @ Ac + lam * len(A) * eye  # [p, p]
     W = torch.linalg.lstsq(gram, Ac.T @ Bc).solution.T  # [q, p]
     return W, b_mean - W @ a_mean
 
@@ -112,7 +113,8 @@ def softmax_floor(train: Split, val: Split, test: Split,
     n_classes = int(max(train.y.max(), val.y.max(), test.y.max())) + 1
     best = None
     for decay in weight_decays:
-        model = nn.Linear(train.X.shape[1], n_classes).double()
+        # drawn on the CPU like every other weight, then moved to the data
+        model = nn.Linear(train.X.shape[1], n_classes, device="cpu").double().to(train.X.device)
         optimizer = torch.optim.LBFGS(model.parameters(), max_iter=max_iter,
                                       line_search_fn="strong_wolfe")
         X = train.X.double()

@@ -79,7 +79,8 @@ def singular_value_decay(lifted: torch.Tensor) -> torch.Tensor:
 
 
 def save_spectra(out: Path, tensors: dict[str, torch.Tensor]) -> str:
-    clean = {k: v.detach().to(torch.float64 if v.is_floating_point() else v.dtype).contiguous()
+    clean = {k: v.detach().to("cpu", torch.float64 if v.is_floating_point() else v.dtype)
+             .contiguous()
              for k, v in tensors.items()}
     return str(save_artifact(out, "spectra", clean, {"keys": sorted(clean)}, kind="spectra"))
 

@@ -36,6 +36,7 @@ from koopnet.lab.baselines import (
     softmax_floor,
 )
 from koopnet.lab.protocols import (
+    data_on,
     load_protocol_data,
     result_row,
     run_experiment,
@@ -47,7 +48,7 @@ from koopnet.lab.recipes import default_config
 from koopnet.lab.scaling_variants import SCALING_VARIANTS, scaling_variant_rows
 from koopnet.lab.spectra import hankel_right_singular_vectors, resdmd_residuals
 from koopnet.learned import LearnedObservable
-from koopnet.models import predict_logits
+from koopnet.models import model_device, predict_logits
 from koopnet.observables import Polynomial, RandomFourier, TimeDelay, snapshot_pairs
 from koopnet.scaling import scale_layer
 from koopnet.spec import FitSpec
@@ -283,20 +284,21 @@ def spectra(scaled, data, selected_fit, study: StudyConfig) -> dict[str, torch.T
 
 def decision_grid(models: dict, n: int) -> dict[str, torch.Tensor]:
     """Predicted class of each model on an n x n grid over [-0.1, 1.1]^2 (Yin-Yang inputs)."""
-    axis = torch.linspace(-0.1, 1.1, n)
+    axis = torch.linspace(-0.1, 1.1, n, device="cpu")
     xx, yy = torch.meshgrid(axis, axis, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)  # [n*n, 2]
     out = {"grid/axis": axis}
     for name, model in models.items():
         with torch.no_grad():
-            out[f"grid/{name}"] = predict_logits(model, points).argmax(1).reshape(n, n)
+            logits = predict_logits(model, points.to(model_device(model))).cpu()
+            out[f"grid/{name}"] = logits.argmax(1).reshape(n, n)
     return out
 
 
 def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick: bool = False,
-              study: StudyConfig | None = None, progress: bool = True
-              ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """Run the clean protocol and the study for every seed.
+              study: StudyConfig | None = None, progress: bool = True,
+              device: torch.device | str = "cpu") -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Run the clean protocol and the study for every seed, on ``device``.
 
     Returns (results of the first seed with the study keys added, its figure objects, spectra).
     """
@@ -316,7 +318,7 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
     timings: dict[str, float] = {}
     for seed in tqdm(study.seeds, desc="seeds", disable=not progress):
         clock = time.perf_counter()
-        seed_rows, kept = _study_seed(dataset, seed, study, quick)
+        seed_rows, kept = _study_seed(dataset, seed, study, quick, torch.device(device))
         for key, value in seed_rows.items():
             rows[key] += value
         timings[f"seed{seed}"] = round(time.perf_counter() - clock, 1)
@@ -334,14 +336,14 @@ def run_study(dataset: str = "yinyang", *, seeds: list[int] | None = None, quick
     return results, figures, tensors
 
 
-def _study_seed(dataset: str, seed: int, study: StudyConfig, quick: bool
-                ) -> tuple[dict[str, list], tuple]:
+def _study_seed(dataset: str, seed: int, study: StudyConfig, quick: bool,
+                device: torch.device) -> tuple[dict[str, list], tuple]:
     """Every row of one seed, and what the first seed's spectra and figures need."""
     config = default_config(dataset, seed=seed, quick=quick)
     if quick:  # smoke test: the first layer only
         config = dataclasses.replace(config, layers=config.layers[:1])
-    results, figures = run_experiment(config, progress=False)
-    data = load_protocol_data(config)
+    results, figures = run_experiment(config, progress=False, device=device)
+    data = data_on(load_protocol_data(config), device)
     out = {"comparison": [], "ablations": [],
            "runs": [{"seed": seed, "original": results["original"], "scaled": results["scaled"],
                      "selected": results["selected"]}],
