@@ -27,6 +27,7 @@ from koopnet.distributed import agree, local_shard, sharded_statistics
 from koopnet.io.artifacts import load_artifact
 from koopnet.io.serialize import load_hybrid, load_with_meta, save_scaled
 from koopnet.io.sources import fit_split, reload_data
+from koopnet.linearization import fit_hybrid
 from koopnet.models import build_mlp
 from koopnet.spec import FitSpec
 from koopnet.trajectories import collect_trajectories
@@ -74,7 +75,11 @@ def _worker(rank: int, store: str, folder: Path, scale_dir: Path) -> None:
         for name, spec in STAGE_CASES.items():
             stage_fit(folder / name, scale_dir=scale_dir, spec=spec)
         results["errors"] = []
-        for fn in (lambda: local_shard(1), lambda: agree(lambda: 1 // (1 - rank))):
+        scaled, _ = load_with_meta(scale_dir, "scaled")
+        learned = FitSpec(1, observable_kind="learned")
+        for fn in (lambda: local_shard(1), lambda: agree(lambda: 1 // (1 - rank)),
+                   lambda: fit_hybrid(scaled, torch.zeros(4, 3, dtype=torch.float64),
+                                      spec=learned)):
             try:
                 fn()
             except (ValueError, RuntimeError, ZeroDivisionError) as err:
@@ -194,6 +199,19 @@ def test_a_failure_on_one_rank_stops_every_rank(runs):
     errors = [result["errors"] for result in runs[2]]
     too_few = ("ValueError: 1 samples cannot be shared by 2 processes; pass at least 2 samples "
                "or launch fewer processes (--nproc_per_node).")
+    learned = ("ValueError: FitSpec(observable_kind='learned') trains on whole trajectories, "
+               "which a sharded fit never holds at once; run this fit in one process (without "
+               "torchrun).")
     assert errors[0] == [too_few, "RuntimeError: rank(s) [1] failed before the statistics "
-                                  "were all-reduced; their own error is in their output."]
-    assert errors[1] == [too_few, "ZeroDivisionError: integer division or modulo by zero"]
+                                  "were all-reduced; their own error is in their output.",
+                         learned]
+    assert errors[1] == [too_few, "ZeroDivisionError: integer division or modulo by zero",
+                         learned]
+
+
+def test_linearize_depth_refuses_a_learned_observable():
+    model, X = residual_model()
+    with pytest.raises(ValueError, match=r"^spec\.observable_kind='learned': depth trajectories "
+                                         r"are lifted with delays only"):
+        linearize_depth(model, BLOCKS, X, spec=FitSpec(1, observable_kind="learned",
+                                                       exact_rollout=True))

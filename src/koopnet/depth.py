@@ -221,6 +221,10 @@ def _make_spec(spec, n_delays, rank, tikhonov, constant) -> FitSpec:
                          "not both.")
     if not isinstance(spec, FitSpec):
         raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
+    if spec.observable_kind != "delay":
+        raise ValueError(f"spec.observable_kind={spec.observable_kind!r}: depth trajectories "
+                         "are lifted with delays only; pass FitSpec(..., "
+                         "observable_kind='delay').")
     if spec.pairing != "trajectory":
         raise ValueError(f"spec.pairing={spec.pairing!r}: depth trajectories are fitted with "
                          "pairing='trajectory' (windows never cross from one sample into the "

@@ -29,9 +29,8 @@ from koopnet._checks import check_int
 from koopnet.dmd import PairStatistics
 from koopnet.streaming import TrajectoryMoments, series_statistics
 
-__all__ = ["agree", "all_reduce_statistics", "barrier", "init_from_env", "is_distributed",
-           "is_main", "local_shard", "process_group", "shard_indices",
-           "sharded_statistics"]
+__all__ = ["agree", "all_reduce_statistics", "init_from_env", "is_distributed", "is_main",
+           "local_shard", "process_group", "shard_indices", "sharded_statistics"]
 
 Result = TypeVar("Result")
 
@@ -107,12 +106,6 @@ def local_shard(n: int, group=None) -> range:
 def is_main(group=None) -> bool:
     """True on rank 0, or outside a process group: the one process that writes files."""
     return not is_distributed() or dist.get_rank(group) == 0
-
-
-def barrier(group=None) -> None:
-    """Wait for every rank (nothing to wait for outside a process group)."""
-    if is_distributed():
-        dist.barrier(group=group)
 
 
 def agree(fn: Callable[[], Result], group=None) -> Result:

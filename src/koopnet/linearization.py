@@ -246,8 +246,9 @@ def _fit_sharded(scaled: ScaledMLP, X: torch.Tensor, spec: FitSpec) -> KoopmanHy
     their statistics are all-reduced once and every rank builds the same hybrid."""
     observable = spec.observable()
     if not isinstance(observable, TimeDelay):
-        raise ValueError(f"a {type(observable).__name__} cannot be fitted from sharded "
-                         "statistics; run this fit in one process (without torchrun).")
+        raise ValueError(f"FitSpec(observable_kind={spec.observable_kind!r}) trains on whole "
+                         "trajectories, which a sharded fit never holds at once; run this fit "
+                         "in one process (without torchrun).")
     observable.fit(collect_trajectories(scaled, X[:1]).states)  # only the shapes are read
     stats = sharded_statistics(lambda start, stop: collect_trajectories(scaled, X[start:stop])
                                .states, len(X), spec.n_delays, constant=spec.constant,
