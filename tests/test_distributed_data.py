@@ -215,3 +215,17 @@ def test_linearize_depth_refuses_a_learned_observable():
                                          r"are lifted with delays only"):
         linearize_depth(model, BLOCKS, X, spec=FitSpec(1, observable_kind="learned",
                                                        exact_rollout=True))
+
+
+@pytest.mark.parametrize("name", DEPTH_CASES)
+def test_in_memory_and_moments_routes_agree_in_one_process(name, monkeypatch):
+    """The routes a single process picks by size fit the same uncentred pairs: equal to
+    1e-10 on a well-conditioned lift (the comparison above relies on it)."""
+    from koopnet import depth
+
+    model, X = residual_model()
+    in_memory = linearize_depth(model, BLOCKS, X, **DEPTH_CASES[name])
+    monkeypatch.setattr(depth, "_IN_MEMORY_BYTES", 0)
+    streamed = linearize_depth(model, BLOCKS, X, batch_size=16, **DEPTH_CASES[name])
+    assert streamed.dmd_.n_pairs_ == in_memory.dmd_.n_pairs_
+    assert (streamed.linear_map - in_memory.linear_map).abs().max() < 1e-10
