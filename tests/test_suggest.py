@@ -133,12 +133,17 @@ def test_reproduce_folder_rebuilds_its_networks_and_shows_its_sweep(tiny_mlp, mo
                                  epochs=1, lr=1e-12)
     monkeypatch.setattr(protocols, "train_base", lambda config, data, progress: model)
     monkeypatch.setattr("koopnet.models.accuracy", lambda *args: 0.9)
-    monkeypatch.setattr(protocols, "scale_for_protocol", lambda config, m, data, layer, p: (
-        scale_layer(m, layer, X, y, n_inserted=10, config=recipe, init="identity")))
+
+    def scale(config, m, data, layer, progress):
+        scaled, report = scale_layer(m, layer, X, y, n_inserted=10, config=recipe,
+                                     init="identity")
+        return scaled, dataclasses.replace(report, ok=layer != 2)  # layer 2 "failed"
+
+    monkeypatch.setattr(protocols, "scale_for_protocol", scale)
     out = _suggest(capsys, _quick_results(tmp_path))
     assert out["sources"] == [{"folder": str((tmp_path / "run").resolve()), "rebuilt": True,
-                               "same_base_model": True}]
-    assert len(out["cells"]) == 3 * 11
+                               "same_base_model": True, "failed_layers": [2]}]
+    assert sorted({c["layer"] for c in out["cells"]}) == [1, 3] and len(out["cells"]) == 2 * 11
     validated = out["run_validated"]  # the run's own row at the proposal, shown beside it
     assert math.isclose(validated["val_accuracy"], 0.8 + 0.01 * out["h"])
     assert math.isclose(validated["drop_points"], 100 * (0.9 - validated["val_accuracy"]))
@@ -194,3 +199,15 @@ def test_bad_input_is_one_clear_line(case, scale_dirs, tmp_path, capsys):
     assert code == 2 and captured.out == ""
     assert captured.err.startswith("koopnet: error: ") and message in captured.err
     assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_setting_added_after_the_run_must_hold_its_default():
+    from koopnet.cli.suggest import _agrees
+
+    default = {"a": 1, "base": {"lr": 0.1, "schedule": None}}
+    current = {"a": 2, "base": {"lr": 0.1, "schedule": None}}
+    assert _agrees({"a": 2, "base": {"lr": 0.1}}, current, default)  # schedule: default
+    assert not _agrees({"a": 2, "base": {"lr": 0.1}}, {**current, "base": {
+        "lr": 0.1, "schedule": "cosine"}}, default)  # a new setting that changes the run
+    assert not _agrees({"a": 2, "base": {"lr": 0.2}}, current, default)
+    assert not _agrees({"a": 2, "old": 1, "base": {"lr": 0.1}}, current, default)

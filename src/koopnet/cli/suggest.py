@@ -72,7 +72,7 @@ def _scale_layer_states(folder: Path, max_samples: int) -> tuple[dict, dict]:
 
 def _rebuilt_config(results: dict, where: Path):
     """The ExperimentConfig a reproduce run recorded, rebuilt from koopnet's recipes."""
-    from koopnet.lab.recipes import default_config
+    from koopnet.lab.recipes import ExperimentConfig, default_config
 
     recorded = results.get("config")
     if not isinstance(recorded, dict) or "dataset" not in recorded:
@@ -86,11 +86,26 @@ def _rebuilt_config(results: dict, where: Path):
         config = default_config(recorded["dataset"], "clean", seed=recorded.get("seed", 0),
                                 quick=quick, data_dir=recorded.get("data_dir"))
         config = dataclasses.replace(config, widths=tuple(recorded.get("widths", ())))
-        if json.loads(json.dumps(dataclasses.asdict(config))) == recorded:
+        if _agrees(recorded, _as_json(config), _as_json(ExperimentConfig())):
             return config
     raise ValueError(f"the recipe recorded in '{where}' is not one this koopnet version has "
                      "(it changed since the run); re-run koopnet reproduce, or scale the "
                      "layers with koopnet scale and pass those folders.")
+
+
+def _as_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _agrees(recorded, current, default) -> bool:
+    """The recorded recipe equals the current one; a setting added after the run (absent from
+    its record) must hold its default, which is how such settings keep old runs reproducible."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return recorded == current
+    default = default if isinstance(default, dict) else {}
+    return set(recorded) <= set(current) and all(
+        _agrees(recorded[key], value, default.get(key)) if key in recorded
+        else value == default.get(key) for key, value in current.items())
 
 
 def _reproduce_states(folder: Path, max_samples: int, progress: bool):
@@ -112,14 +127,23 @@ def _reproduce_states(folder: Path, max_samples: int, progress: bool):
                     "(another BLAS thread count trains a slightly different network); the "
                     "proposal is for the rebuilt networks and the run's sweep is not shown",
                     original, results.get("original", {}).get("val_accuracy"))
-    entries = []
+    entries, failed = [], []
     for layer in config.layers:
-        scaled, _ = scale_for_protocol(config, model, data, layer, progress)
+        scaled, report = scale_for_protocol(config, model, data, layer, progress)
+        if not report.ok:  # as a failed scale folder is refused, a failed layer is not proposed
+            log.warning("the scaling of layer %d failed; it is left out of the proposal", layer)
+            failed.append(layer)
+            continue
         entries.append({"layer": layer, "out_width": scaled.out_width,
                         "train": collect_trajectories(
                             scaled, data.trajectories.X[:max_samples]).states,
                         "val": collect_trajectories(scaled, data.val.X[:max_samples]).states})
-    source = {"folder": str(folder.resolve()), "rebuilt": True, "same_base_model": same}
+    if not entries:
+        raise ValueError(f"the scaling of every layer of '{folder}' failed when rebuilt; "
+                         "scale the layers with koopnet scale (another --seed or --init "
+                         "identity) and pass those folders.")
+    source = {"folder": str(folder.resolve()), "rebuilt": True, "same_base_model": same,
+              "failed_layers": failed}
     return entries, source, (results if same else None)
 
 
