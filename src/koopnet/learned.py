@@ -175,10 +175,10 @@ class LearnedObservable:
             check_int(self.horizon, "horizon", low=1)
 
     def _encode(self, delay: torch.Tensor) -> torch.Tensor:
-        """psi of the standardised delay vector (or newest state). Shape: [..., W(h+1)] ->
-        [..., r]."""
-        inputs = delay[..., :len(self.mean_)].to(self.mean_.dtype)
-        return self.psi_((inputs - self.mean_) / self.std_)
+        """psi of the standardised delay vector (or newest state), computed where psi lives
+        and returned on the delay vector's device. Shape: [..., W(h+1)] -> [..., r]."""
+        inputs = delay[..., :len(self.mean_)].to(self.mean_.device, self.mean_.dtype)
+        return self.psi_((inputs - self.mean_) / self.std_).to(delay.device)
 
     def _lift(self, delay: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         parts = [delay, latent.to(delay.dtype)]

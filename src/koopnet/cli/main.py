@@ -22,10 +22,10 @@ log = logging.getLogger("koopnet")
 def cmd_reproduce(args: argparse.Namespace) -> int:
     seed_given = args.seed is not None  # reproduce's --seed defaults to None, meaning 0
     args.seed = 0 if args.seed is None else args.seed
-    if args.dataset in ("resmlp-mnist", "vit-mnist"):
-        _cpu_only(args, f"reproduce {args.dataset}")
-        return (_reproduce_depth if args.dataset == "resmlp-mnist" else _reproduce_vit)(
-            args, seed_given)
+    if args.dataset == "resmlp-mnist":
+        return _reproduce_depth(args, seed_given)
+    if args.dataset == "vit-mnist":
+        return _reproduce_vit(args, seed_given)
     if args.seeds is not None:
         raise ValueError(f"--seeds applies to resmlp-mnist only; for {args.dataset} pass one "
                          "--seed per run.")
@@ -73,7 +73,7 @@ def _reproduce_depth(args: argparse.Namespace, seed_given: bool) -> int:
                           quick=args.quick, data_dir=args.data_dir)
     out = check_output_dir(args.out, force=args.force)
     log.info("reproducing resmlp-mnist (seeds %s) into %s", list(config.seeds), out)
-    results = run_depth(config)
+    results = run_depth(config, args.device)
     with staged_folder(out, force=args.force) as stage:
         write_depth_run(stage, results, pdf=args.pdf)
     summary = {f"{r['method']} x{r['span']}": round(r["test_mean"], 2)
@@ -91,19 +91,13 @@ def _reproduce_vit(args: argparse.Namespace, seed_given: bool) -> int:
     config = vit_config(seeds=seeds, quick=args.quick, data_dir=args.data_dir)
     out = check_output_dir(args.out, force=args.force)
     log.info("reproducing vit-mnist (seeds %s) into %s", list(config.seeds), out)
-    results = run_vit(config)
+    results = run_vit(config, args.device)
     with staged_folder(out, force=args.force) as stage:
         write_vit_run(stage, results, pdf=args.pdf)
     print(json.dumps({"out": str(out), "seeds": list(config.seeds),
                       "original_test": [o["test_accuracy"] for o in results["original"]],
                       "acceptance": results["acceptance"]}))
     return 0
-
-
-def _cpu_only(args: argparse.Namespace, command: str) -> None:
-    if args.device.type != "cpu":
-        raise ValueError(f"--device {args.device}: koopnet {command} runs on the CPU only so "
-                         "far; use --device cpu.")
 
 
 def _widths(text: str) -> list[int]:
@@ -160,7 +154,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ValueError("koopnet fit needs either a scale-stage folder (koopnet fit SCALE_DIR "
                          "...) or --trajectories PATH, not both.")
     if args.trajectories is not None:
-        _cpu_only(args, "fit --trajectories")
+        if args.device.type != "cpu":
+            raise ValueError(f"--device {args.device}: koopnet fit --trajectories runs on the "
+                             "CPU only so far; use --device cpu.")
         return fit_command(args)
     from koopnet.cli.stages import stage_fit
 

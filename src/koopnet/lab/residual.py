@@ -27,7 +27,7 @@ from torch import nn
 
 from koopnet.depth import DepthHybrid, collect_depth_states
 from koopnet.dmd import DMD, PairStatistics
-from koopnet.models import TrainConfig, accuracy
+from koopnet.models import TrainConfig, accuracy, model_device
 from koopnet.observables import TimeDelay, snapshot_pairs
 
 __all__ = ["AffineMap", "ResidualBlock", "ResidualMLP", "affine_fit", "block_names",
@@ -86,7 +86,7 @@ def train_residual(model: nn.Module, X: torch.Tensor, y: torch.Tensor, config: T
                                                    total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(config.epochs):
-        order = torch.randperm(len(X), generator=generator)
+        order = torch.randperm(len(X), generator=generator, device="cpu")  # any device alike
         for start in range(0, len(X), config.batch_size):
             idx = order[start:start + config.batch_size]
             loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
@@ -122,21 +122,24 @@ def affine_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0):
     """
     X, Y = X.to(torch.float64), Y.to(torch.float64)
     if ridge == 0.0:
-        ones = torch.ones(len(X), 1, dtype=X.dtype)
+        ones = torch.ones(len(X), 1, dtype=X.dtype, device=X.device)
         solution = torch.linalg.lstsq(torch.cat([X, ones], 1), Y, driver="gelsd").solution
         return solution[:-1].T, solution[-1]
     mx, my = X.mean(0), Y.mean(0)
     Xc, Yc = X - mx, Y - my
     gram = Xc.T @ Xc
     lam = ridge * torch.trace(gram) / gram.shape[0]
-    weight = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=X.dtype), Xc.T @ Yc).T
+    eye = torch.eye(len(gram), dtype=X.dtype, device=X.device)
+    weight = torch.linalg.solve(gram + lam * eye, Xc.T @ Yc).T
     return weight, my - mx @ weight.T
 
 
 def replace_span(model: nn.Module, first: int, last: int, module: nn.Module | None):
     """A copy of ``model`` whose blocks first..last become ``module`` then identities
-    (``module`` None: all identities, i.e. the span is skipped)."""
+    (``module`` None: all identities, i.e. the span is skipped); ``module`` moves to the
+    model's device."""
     copied = copy.deepcopy(model)
+    module = None if module is None else module.to(model_device(copied))
     for i in range(first, last + 1):
         copied.blocks[i] = module if (i == first and module is not None) else nn.Identity()
     return copied.eval()
@@ -253,7 +256,7 @@ def linearity_profile(model, states, val_states, val) -> list[dict]:
             residual = (one_step - held[:, 1:].double()).norm() / held[:, 1:].double().norm()
             replaced = replace_span(model, i, j, AffineMap(weight, bias))
             rows.append({"first": i, "last": j, "blocks": j - i + 1,
-                         "ls_r2": _r2(pred, y, torch.zeros(())),
+                         "ls_r2": _r2(pred, y, torch.zeros((), device=y.device)),
                          "ls_r2_update": _r2(pred, y, x),
                          "dmd_residual": float(residual),
                          "val_accuracy_ls": accuracy(replaced, val.X, val.y)})

@@ -20,8 +20,9 @@ import torch
 
 from koopnet._version import __version__
 from koopnet.io.artifacts import atomic_write_text, write_json
-from koopnet.io.datasets import idx_splits
+from koopnet.io.datasets import Split, idx_splits
 from koopnet.lab import residual
+from koopnet.lab.devices import device_record
 from koopnet.lab.recipes import RESMLP_MNIST_QUICK, RESMLP_MNIST_RECIPE
 from koopnet.models import TrainConfig, accuracy
 
@@ -65,14 +66,21 @@ def depth_config(*, seed: int | None = None, seeds: tuple[int, ...] | None = Non
     return config
 
 
-def _run_seed(config: DepthConfig, seed: int) -> dict:
+def splits_on(device: torch.device | str, *splits: Split) -> list[Split]:
+    """The splits with their inputs and labels on ``device`` (the data follows the model)."""
+    return [Split(s.X.to(device), s.y.to(device)) for s in splits]
+
+
+def _run_seed(config: DepthConfig, seed: int, device: torch.device | str = "cpu") -> dict:
     splits = idx_splits(config.data_dir, name="mnist", n_val=None, seed=seed)
     train = splits.train
     if config.train_subset is not None:
         train = train.subset(slice(0, config.train_subset))
-    torch.manual_seed(seed)
+    train, val, test = splits_on(device, train, splits.val, splits.test)
+    splits = dataclasses.replace(splits, val=val, test=test)
+    torch.manual_seed(seed)  # the weights are drawn on the CPU, then moved
     model = residual.ResidualMLP(splits.n_features, config.width, config.n_blocks,
-                                 splits.n_classes)
+                                 splits.n_classes).to(device)
     start = time.perf_counter()
     residual.train_residual(model, train.X, train.y, config.base, seed=seed)
     trained_s = time.perf_counter() - start
@@ -97,20 +105,20 @@ def _run_seed(config: DepthConfig, seed: int) -> dict:
             "sweep": [{**r, "seed": seed} for r in sweep]}
 
 
-def run_depth(config: DepthConfig) -> dict:
-    """All seeds; returns the results.json dictionary (kind "depth")."""
+def run_depth(config: DepthConfig, device: torch.device | str = "cpu") -> dict:
+    """All seeds on ``device``; returns the results.json dictionary (kind "depth")."""
     start = time.perf_counter()
-    parts = [_run_seed(config, seed) for seed in config.seeds]
+    parts = [_run_seed(config, seed, device) for seed in config.seeds]
     architecture = {"n_in": 784, "width": config.width, "n_blocks": config.n_blocks,
                     "block": "x + Linear(GELU(Linear(LayerNorm(x))))",
                     "head": "LayerNorm + Linear"}
-    results = depth_results("resmlp-mnist", config, architecture, parts, start)
+    results = depth_results("resmlp-mnist", config, architecture, parts, start, device)
     results["summary"] = summarize(results)
     return results
 
 
 def depth_results(experiment: str, config, architecture: dict, parts: list[dict],
-                  start: float) -> dict:
+                  start: float, device: torch.device | str = "cpu") -> dict:
     """The results.json dictionary (kind "depth") of a depth reproduction's seeds."""
     return {
         "kind": "depth", "schema": SCHEMA, "dataset": "mnist", "experiment": experiment,
@@ -119,7 +127,7 @@ def depth_results(experiment: str, config, architecture: dict, parts: list[dict]
         **{key: [r for p in parts for r in p[key]] for key in ("rows", "profile", "sweep")},
         "environment": {"koopnet": __version__, "torch": torch.__version__,
                         "python": platform.python_version(),
-                        "threads": torch.get_num_threads(),
+                        "threads": torch.get_num_threads(), **device_record(device),
                         "seconds": time.perf_counter() - start},
     }
 

@@ -83,8 +83,8 @@ class ViT(nn.Module):
         self.patch, self.side = patch, side
         n_tokens = (side // patch) ** 2
         self.embed = nn.Linear(patch * patch, width)
-        self.cls = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens + 1, width))
+        self.cls = nn.Parameter(torch.zeros(1, 1, width, device="cpu"))  # built on the CPU
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens + 1, width, device="cpu"))
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, n_out)
 
@@ -122,7 +122,7 @@ def train_vit(model: ViT, train, val, *, epochs: int, lr: float = 2e-3, batch_si
     best, history = (-1.0, 0, None), []
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(train.X), generator=generator)
+        order = torch.randperm(len(train.X), generator=generator, device="cpu")
         for start in range(0, len(train.X), batch_size):
             idx = order[start:start + batch_size]
             loss = nn.functional.cross_entropy(model(train.X[idx]), train.y[idx])
@@ -306,7 +306,7 @@ def linearity_profile(model: ViT, states, val_states, val_y, *, flat: bool = Tru
                 weight, bias = affine_fit(fit[kind][:, i], fit[kind][:, j + 1])
                 x, y = held[kind][:, i], held[kind][:, j + 1]
                 pred = x @ weight.T + bias
-                row[f"ls_r2_{kind}"] = _r2(pred, y, torch.zeros(()))
+                row[f"ls_r2_{kind}"] = _r2(pred, y, torch.zeros((), device=y.device))
                 row[f"ls_r2_update_{kind}"] = _r2(pred, y, x)
                 if kind == "pos":
                     row["val_accuracy_ls"] = _tail_score(

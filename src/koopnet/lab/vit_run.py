@@ -22,7 +22,7 @@ from koopnet.io.artifacts import atomic_write_text, write_json
 from koopnet.io.datasets import idx_splits
 from koopnet.lab import vit
 from koopnet.lab.residual import select
-from koopnet.lab.residual_run import depth_results, mean_sd, summarize, summary_table
+from koopnet.lab.residual_run import depth_results, mean_sd, splits_on, summarize, summary_table
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -82,12 +82,14 @@ def _splits(config: ViTConfig, seed: int):
     return train, val, test
 
 
-def run_seed(config: ViTConfig, seed: int, splits=None) -> dict:
-    """One seed; ``splits`` (train, val, test) replaces the MNIST files (tests scramble the
-    test labels this way)."""
-    train, val, test = splits if splits is not None else _splits(config, seed)
-    torch.manual_seed(seed)
-    model = vit.ViT(config.width, config.depth, config.heads, config.mlp_ratio)
+def run_seed(config: ViTConfig, seed: int, splits=None, device: torch.device | str = "cpu"
+             ) -> dict:
+    """One seed on ``device``; ``splits`` (train, val, test) replaces the MNIST files (tests
+    scramble the test labels this way)."""
+    splits = splits if splits is not None else _splits(config, seed)
+    train, val, test = splits_on(device, *splits)
+    torch.manual_seed(seed)  # the weights are drawn on the CPU, then moved
+    model = vit.ViT(config.width, config.depth, config.heads, config.mlp_ratio).to(device)
     start = time.perf_counter()
     model, training = vit.train_vit(model, train, val, epochs=config.epochs, lr=config.lr,
                                     batch_size=config.batch_size,
@@ -117,15 +119,15 @@ def run_seed(config: ViTConfig, seed: int, splits=None) -> dict:
             "sweep": [{**r, "seed": seed} for r in sweep]}
 
 
-def run_vit(config: ViTConfig) -> dict:
-    """All seeds; returns the results.json dictionary (kind "depth")."""
+def run_vit(config: ViTConfig, device: torch.device | str = "cpu") -> dict:
+    """All seeds on ``device``; returns the results.json dictionary (kind "depth")."""
     start = time.perf_counter()
-    parts = [run_seed(config, seed) for seed in config.seeds]
+    parts = [run_seed(config, seed, device=device) for seed in config.seeds]
     architecture = {"tokens": "16 patches of 7x7 + CLS", "width": config.width,
                     "depth": config.depth, "heads": config.heads, "mlp_ratio": config.mlp_ratio,
                     "block": "x + Attn(LN(x)); x + MLP(LN(x))",
                     "head": "LayerNorm + Linear on the CLS token"}
-    results = depth_results("vit-mnist", config, architecture, parts, start)
+    results = depth_results("vit-mnist", config, architecture, parts, start, device)
     results["summary"] = summarize(results, METHODS)
     results["acceptance"] = acceptance(results)
     return results
