@@ -259,3 +259,30 @@ def test_cli_records_the_device(tmp_path, capsys):
                  str(out), "--device", "cpu"]) == 0
     assert json.loads((out / "model.json").read_text())["config"]["device"] == "cpu"
     assert environment("cpu")["device"] == "cpu"
+
+
+def _staged(root: Path, device: str) -> dict:
+    """train -> scale -> fit -> evaluate on ``device``; the evaluate metrics and devices."""
+    steps = [["train", "--dataset", "yinyang", "--widths", "2,8,6,3", "--epochs", "20"],
+             ["scale", str(root / "train"), "--layer", "1", "--n-inserted", "2", "--epochs",
+              "30", "--init", "identity"],
+             ["fit", str(root / "scale"), "--n-delays", "1"],
+             ["evaluate", str(root / "fit")]]
+    for step, name in zip(steps, ("train", "scale", "fit", "eval"), strict=True):
+        assert main(["--quiet", *step, "--out", str(root / name), "--device", device]) == 0
+    recorded = [json.loads((root / name / f"{kind}.json").read_text())["config"]["device"]
+                for name, kind in (("train", "model"), ("scale", "scaled"), ("fit", "hybrid"))]
+    results = json.loads((root / "eval" / "results.json").read_text())
+    return {"metrics": results["metrics"],
+            "devices": [*recorded, results["environment"]["device"]]}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staged_commands_run_on_the_device(device, tmp_path, capsys):
+    run = _staged(tmp_path / device, device)
+    assert [torch.device(d).type for d in run["devices"]] == [device] * 4
+    if device != "cpu":  # the same network and hybrid as on the CPU, up to rounding
+        on_cpu = _staged(tmp_path / "cpu", "cpu")["metrics"]
+        for split, scores in run["metrics"].items():
+            for model in ("original", "scaled", "hybrid"):
+                assert abs(scores[model] - on_cpu[split][model]) <= 0.01
