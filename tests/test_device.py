@@ -286,3 +286,18 @@ def test_staged_commands_run_on_the_device(device, tmp_path, capsys):
         for split, scores in run["metrics"].items():
             for model in ("original", "scaled", "hybrid"):
                 assert abs(scores[model] - on_cpu[split][model]) <= 0.01
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linearize_a_named_submodule(device, audit):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                          nn.Linear(6, 2)).to(device)
+    X = torch.randn(48, 3)
+    with audit:
+        hybrid = linearize(model, target="2", data=X, n_inserted=3, n_delays=2,
+                           scaling_config=TrainConfig(epochs=3, batch_size=48))
+        with torch.no_grad():
+            out = hybrid(X.to(device))
+    _check_on(out, device)
+    _check_on(hybrid.dmd_.basis_, device)
