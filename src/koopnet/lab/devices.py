@@ -42,8 +42,7 @@ def resolve_device(name: str | torch.device = "cpu") -> torch.device:
     if device.index is not None and device.index >= count:
         raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) "
                          f"(cuda:0..cuda:{count - 1}); pick one of those.")
-    return torch.device("cuda", torch.cuda.current_device() if device.index is None
-                        else device.index)
+    return device  # plain "cuda" stays the current device (each torchrun rank sets its own)
 
 
 def device_record(device: torch.device | str = "cpu") -> dict:
