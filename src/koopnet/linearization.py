@@ -114,9 +114,18 @@ def check_inputs(data, labels=None, *, dtype=torch.float32, name: str = "data"):
 
 
 def check_model(model, X: torch.Tensor, layer: int, y=None) -> None:
-    """Finite parameters, the right input width, labels within the model's classes and finite
-    activations, each named."""
+    """Finite parameters of one dtype, the right input width, labels within the model's classes
+    and finite activations, each named.
+
+    The activations are computed in the model's dtype (``X`` is cast to it): a data file is
+    read as float32 whatever precision the weights were saved in.
+    """
     modules = mlp_layout(model)
+    dtypes = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+              if p.is_floating_point()}
+    if len(dtypes) > 1:
+        raise ValueError(f"the model's parameters mix the dtypes {sorted(dtypes)}; save them in "
+                         "one precision (e.g. model.double() or model.float() before export).")
     for key, value in model.state_dict().items():
         check_finite(value, f"model parameter '{key}'",
                      " The model diverged or was saved broken; retrain or re-export it.")
@@ -130,7 +139,7 @@ def check_model(model, X: torch.Tensor, layer: int, y=None) -> None:
                          f"outputs (classes 0..{n_classes - 1}); pass the labels the model was "
                          "trained on.")
     with torch.no_grad():  # up to the replaced layer's activation
-        state = X
+        state = X.to(model_dtype(model))
         for i, module in enumerate(modules[:sum(map(len, mlp_blocks(model)[:layer + 1]))]):
             state = module(state)
             check_finite(state, f"activations of model[{i}] ({type(module).__name__})",

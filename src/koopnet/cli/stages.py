@@ -39,7 +39,14 @@ from koopnet.io.trajectories import dmd_tensors
 from koopnet.lab.protocols import environment
 from koopnet.lab.recipes import ExperimentConfig, default_config
 from koopnet.linearization import check_model, describe_recipe, fit_hybrid, scaling_recipe
-from koopnet.models import accuracy, build_mlp, check_layer, predict_logits, train_classifier
+from koopnet.models import (
+    accuracy,
+    build_mlp,
+    check_layer,
+    model_dtype,
+    predict_logits,
+    train_classifier,
+)
 from koopnet.scaling import scale_layer
 from koopnet.spec import FitSpec
 
@@ -167,7 +174,11 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
         else:
             splits, record = load_data(data, labels=labels, data_dir=data_dir, seed=seed)
     parents.update(record["sha256"])
+    if model_dtype(network) in (torch.float16, torch.bfloat16):  # as koopnet.linearize does
+        log.info("the %s model is scaled in float32", model_dtype(network))
+        network = network.float()
     X, y = fit_split(splits)
+    X = X.to(model_dtype(network))  # data reads as float32 whatever precision the weights have
     layer = check_layer(network, layer)
     check_model(network, X, layer)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
@@ -250,6 +261,8 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
         splits, record = load_data(data, labels=labels, data_dir=data_dir)
     if "train" in splits:
         splits = {k: v for k, v in splits.items() if k in ("val", "test")}
+    dtype = model_dtype(scaled)  # data reads as float32 whatever precision the weights have
+    splits = {k: (X.to(dtype), y) for k, (X, y) in splits.items()}
     models = {"original": scaled.original(), "scaled": scaled, "hybrid": hybrid}
     for X, _ in splits.values():
         check_model(models["original"], X, hybrid.layer)
