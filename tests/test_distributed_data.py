@@ -10,6 +10,8 @@ tests compare its saved results with single-process fits done here.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from koopnet import linearize_depth
+from koopnet.cli import main
 from koopnet.cli.stages import stage_fit, stage_scale
 from koopnet.distributed import agree, local_shard, sharded_statistics
 from koopnet.io.artifacts import load_artifact
@@ -74,6 +77,11 @@ def _worker(rank: int, store: str, folder: Path, scale_dir: Path) -> None:
                              "n_pairs": hybrid.dmd_.n_pairs_, "rank": hybrid.rank_}
         for name, spec in STAGE_CASES.items():
             stage_fit(folder / name, scale_dir=scale_dir, spec=spec)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            results["cli_code"] = main(["--quiet", "fit", str(scale_dir), "--n-delays", "1",
+                                        "--out", str(folder / "cli")])
+        results["cli_stdout"] = printed.getvalue()
         results["errors"] = []
         scaled, _ = load_with_meta(scale_dir, "scaled")
         learned = FitSpec(1, observable_kind="learned")
@@ -194,6 +202,13 @@ def test_only_rank_zero_wrote_and_no_temporary_folder_is_left(runs):
             "dmd.json", "dmd.safetensors", "hybrid.json", "hybrid.safetensors"]
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
 
+
+def test_koopnet_fit_prints_its_result_line_on_rank_zero_only(runs):
+    folder, _, ranks = runs
+    assert [result["cli_code"] for result in ranks] == [0] * WORLD
+    lines = ranks[0]["cli_stdout"].splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["out"] == str(folder / "cli")
+    assert ranks[1]["cli_stdout"] == ""
 
 def test_a_failure_on_one_rank_stops_every_rank(runs):
     errors = [result["errors"] for result in runs[2]]

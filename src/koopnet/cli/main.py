@@ -159,9 +159,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              "CPU only so far; use --device cpu.")
         return fit_command(args)
     from koopnet.cli.stages import stage_fit
+    from koopnet.distributed import is_main, process_group
 
-    path = stage_fit(args.out, scale_dir=args.scale_dir, spec=spec_from_args(args),
-                     force=args.force, device=args.device)
+    with process_group():  # held here so that the rank is still known after the fit
+        path = stage_fit(args.out, scale_dir=args.scale_dir, spec=spec_from_args(args),
+                         force=args.force, device=args.device)
+        rank0 = is_main()
+    if not rank0:  # under torchrun rank 0 alone prints the result line
+        return 0
     config = json.loads(path.read_text())["config"]
     print(json.dumps({"out": str(path.parent), "n_delays": config["fit"]["n_delays"],
                       "rank_": config["rank_"], "n_pairs": config["n_pairs"]}))
