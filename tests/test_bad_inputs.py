@@ -26,6 +26,7 @@ from torch import nn
 import koopnet
 from koopnet.cli import main
 from koopnet.dmd import DMD, PairStatistics
+from koopnet.io.trajectories import fit_file
 from koopnet.linearization import check_inputs, fit_hybrid, linearize
 from koopnet.models import TrainConfig, build_mlp
 from koopnet.spec import FitSpec
@@ -224,6 +225,11 @@ API_CASES = {
     "DMD tikhonov negative": (lambda: DMD(tikhonov=-1).fit_pairs(torch.rand(5, 3),
                                                                  torch.rand(5, 3)),
                               ValueError, r"tikhonov=-1\.0 must be a finite number >= 0"),
+    "fit_file with a learned observable": (
+        lambda: fit_file("t.safetensors", FitSpec(1, observable_kind="learned")), ValueError,
+        r"^fit_file fits delay coordinates only; FitSpec\(observable_kind='learned'\) trains "
+        r"on whole trajectories, .*use koopnet\.fit_hybrid on a scaled model, or "
+        r"observable_kind='delay'\.$"),
 }
 
 

@@ -84,11 +84,17 @@ def fit_file(path: str | os.PathLike, spec: FitSpec, *, batch_size: int = 4096,
              tensor: str = "states") -> tuple[DMD | None, dict]:
     """Stream (and, under torchrun, shard) a trajectory file into one DMD fit of ``spec``.
 
-    Returns (dmd, info) on rank 0 and (None, info) on the other ranks.
+    Returns (dmd, info) on rank 0 and (None, info) on the other ranks. Delay coordinates only:
+    a learned observable trains on whole trajectories, which a stream never holds at once.
     """
     started = time.perf_counter()
     if not isinstance(spec, FitSpec):
         raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
+    if spec.observable_kind != "delay":
+        raise ValueError(f"fit_file fits delay coordinates only; FitSpec(observable_kind="
+                         f"{spec.observable_kind!r}) trains on whole trajectories, which a "
+                         "streamed fit never holds at once: use koopnet.fit_hybrid on a scaled "
+                         "model, or observable_kind='delay'.")
     batch_size = check_int(batch_size, "batch_size", low=1)
     h, constant, protocol = spec.n_delays, spec.constant, spec.pairing
     reader = TrajectoryFile(path, tensor)
