@@ -282,7 +282,7 @@ def fit_minibatch(
     module.train()
     bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
     for _ in bar:
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator, device="cpu")  # same order on any device
         total = 0.0
         for start in range(0, n, config.batch_size):
             idx = order[start:start + config.batch_size]

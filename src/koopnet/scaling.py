@@ -150,18 +150,18 @@ def _check_init(init) -> None:
 
 def _insert_linear(width: int, init: str, kind: str, generator: torch.Generator) -> nn.Linear:
     """One inserted ``Linear(w, w)``, drawn in the order the plain blocks always drew it."""
-    linear = nn.Linear(width, width)
+    linear = nn.Linear(width, width, device="cpu")
     with torch.no_grad():
         if init == "he":
             std = (2.0 / width) ** 0.5
-            linear.weight.copy_(torch.randn(width, width, generator=generator) * std)
+            linear.weight.copy_(torch.randn(width, width, generator=generator, device="cpu") * std)
             linear.bias.fill_(0.01)
         else:
-            noise = torch.randn(width, width, generator=generator) * 1e-3
-            linear.weight.copy_(torch.eye(width) + noise)
+            noise = torch.randn(width, width, generator=generator, device="cpu") * 1e-3
+            linear.weight.copy_(torch.eye(width, device="cpu") + noise)
             linear.bias.zero_()
         if kind == "residual":  # f starts near zero, so every step starts near the identity
-            linear.weight.sub_(torch.eye(width) if init == "identity" else 0.0)
+            linear.weight.sub_(torch.eye(width, device="cpu") if init == "identity" else 0.0)
             linear.weight.mul_(1.0 if init == "identity" else 1e-2)
             linear.bias.zero_()
     return linear
@@ -380,7 +380,7 @@ def _attempt(fixed: _Fixed, n_inserted: int, init: str, config: TrainConfig,
     generator = torch.Generator().manual_seed(seed + 1000 * attempt)
     activation = fixed.head[-1]
     inserts = make_inserts(fixed.a.shape[1], n_inserted, activation, init, generator,
-                           spec.kind).to(fixed.a.dtype)
+                           spec.kind).to(fixed.a.device, fixed.a.dtype)
     history = train_inserts(inserts, fixed.replaced, fixed.a, fixed.b, config, spec,
                             seed=seed + attempt, progress=progress, desc=f"scale layer {layer}")
     with torch.no_grad():

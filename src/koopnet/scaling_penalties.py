@@ -52,7 +52,8 @@ def dmd_residual(states: torch.Tensor, *, steps: int = 1, n_delays: int = 0,
     X, Y = lifted[:, :-1].reshape(-1, D), lifted[:, 1:].reshape(-1, D)
     gram = X.T @ X
     reg = ridge * gram.diagonal().mean().detach().clamp_min(1e-12)
-    K = torch.linalg.solve(gram + reg * torch.eye(D, dtype=X.dtype), X.T @ Y)  # [D, D]
+    eye = torch.eye(D, dtype=X.dtype, device=X.device)
+    K = torch.linalg.solve(gram + reg * eye, X.T @ Y)  # [D, D]
     if steps == 1:
         return (Y - X @ K).pow(2).sum() / Y.pow(2).sum().clamp_min(1e-12)
     K = K / torch.linalg.matrix_norm(K, ord=2).clamp_min(1.0)

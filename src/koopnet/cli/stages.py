@@ -89,7 +89,8 @@ def _data_inputs(record: dict) -> list:
 def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", labels=None,
                 epochs: int | None = None, lr: float | None = None,
                 batch_size: int | None = None, seed: int = 0, data_dir: str | None = None,
-                n_val: int | None = None, force: bool = False, progress: bool = False) -> Path:
+                n_val: int | None = None, force: bool = False, progress: bool = False,
+                device="cpu") -> Path:
     """``koopnet train``: train an MLP on a data set's training split -> ``out/model.*``.
 
     ``n_val``: validation images of an IDX source (default min(5000, a tenth of the set)).
@@ -124,15 +125,17 @@ def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", lab
     _check_inputs_outside(out, dataset, labels, data_dir)
     clock = time.perf_counter()
     torch.manual_seed(seed)  # build_mlp draws the initial weights from the global generator
-    model = build_mlp(widths, activation)
-    history = train_classifier(model, X, y, recipe, seed=seed, progress=progress)
+    model = build_mlp(widths, activation).to(device)  # drawn on the CPU, trained on device
+    history = train_classifier(model, X.to(device), y.to(device), recipe, seed=seed,
+                               progress=progress)
+    model = model.cpu()  # scored and saved on the CPU
     check_finite(torch.tensor(history), "training loss",
                  " Training diverged; lower --lr or check the data scale.")
     metrics = {f"{name}_accuracy": accuracy(model, *split) for name, split in splits.items()
                if name in ("train", "val", "data") and split[1] is not None}
     metadata = {"stage": "train", "data": record, "seed": seed, "widths": widths,
                 "activation": activation, "train": dataclasses.asdict(recipe),
-                "final_loss": history[-1], "metrics": metrics,
+                "final_loss": history[-1], "metrics": metrics, "device": str(device),
                 "seconds": round(time.perf_counter() - clock, 3)}
     with staged_folder(out, force=force) as stage:
         path = save_model(model, stage, "model", metadata=metadata,
@@ -143,7 +146,7 @@ def stage_train(out, *, dataset: str, widths=None, activation: str = "relu", lab
 def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=None,
                 layer: int, n_inserted: int = 10, init: str = "he", epochs: int | None = None,
                 seed: int = 0, data_dir: str | None = None, force: bool = False,
-                progress: bool = False) -> Path:
+                progress: bool = False, device="cpu") -> Path:
     """``koopnet scale``: insert and train blocks after hidden layer ``layer`` -> ``out/scaled.*``.
 
     The model comes from a train folder ``run`` or from a user's ``model`` (safetensors state
@@ -188,19 +191,22 @@ def stage_scale(out, *, run=None, model=None, config=None, data=None, labels=Non
     log.info("%s", describe_recipe(recipe, len(X)))
     _check_inputs_outside(out, run, model, config, data, labels, data_dir, *_data_inputs(record))
     clock = time.perf_counter()
-    scaled, report = scale_layer(network, layer, X, y, n_inserted=n_inserted, init=init,
-                                 config=recipe, seed=seed, progress=progress)
+    scaled, report = scale_layer(network.to(device), layer, X.to(device),
+                                 None if y is None else y.to(device), n_inserted=n_inserted,
+                                 init=init, config=recipe, seed=seed, progress=progress)
+    scaled = scaled.cpu()  # saved on the CPU
     metadata = {"stage": "scale", "data": record, "seed": seed, "init": init,
                 "n_inserted": n_inserted, "scaling": dataclasses.asdict(recipe),
                 "report": {"ok": report.ok, "agreement": report.agreement, "init": report.init,
                            "attempts": report.attempts},
-                "sources": sources, "seconds": round(time.perf_counter() - clock, 3)}
+                "sources": sources, "device": str(device),
+                "seconds": round(time.perf_counter() - clock, 3)}
     with staged_folder(out, force=force) as stage:
         path = save_scaled(scaled, stage, "scaled", metadata=metadata, parents=parents)
     return Path(out) / path.name
 
 
-def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
+def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False, device="cpu") -> Path:
     """``koopnet fit SCALE_DIR``: trajectories of the recorded inputs -> DMD -> hybrid.
 
     Writes ``out/dmd.*`` (the same format as ``koopnet fit --trajectories``) and
@@ -217,11 +223,12 @@ def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
         X, _ = fit_split(splits)
         _check_inputs_outside(out, folder, *_data_inputs(record))
         clock = time.perf_counter()
-        hybrid = fit_hybrid(scaled, X, spec=spec)
-        dmd = hybrid.dmd_
+        hybrid = fit_hybrid(scaled.to(device), X, spec=spec).cpu()  # saved on the CPU
+        dmd = hybrid.dmd_.to("cpu")
         settings = {"stage": "fit", "data": record, "fit": spec.as_dict(),
                     "n_features": dmd.n_features_in_, "n_pairs": dmd.n_pairs_,
                     "world_size": world, "sources": {"scaled": str(folder.resolve())},
+                    "device": str(device),
                     "seconds": round(time.perf_counter() - clock, 3)}
         parents = {"scaled": meta["sha256"]}
 
@@ -237,7 +244,7 @@ def stage_fit(out, *, scale_dir, spec: FitSpec, force: bool = False) -> Path:
 
 
 def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None = None,
-                   force: bool = False) -> Path:
+                   force: bool = False, device="cpu") -> Path:
     """``koopnet evaluate FIT_DIR``: accuracy of original, scaled and hybrid -> results.json.
 
     Named data sets are scored on their validation and test splits; file data on the file
@@ -269,7 +276,8 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
     _check_inputs_outside(out, folder, scale_dir, data, labels, data_dir, *_data_inputs(record))
     metrics = {}
     for split, (X, y) in splits.items():
-        predictions = {k: predict_logits(m, X).argmax(1) for k, m in models.items()}
+        predictions = {k: predict_logits(m.to(device), X.to(device)).argmax(1).cpu()
+                       for k, m in models.items()}
         reference, metric = (y, "accuracy") if y is not None else (
             predictions["original"], "agreement_with_original")
         metrics[split] = {"n": len(X), "metric": metric,
@@ -285,7 +293,7 @@ def stage_evaluate(out, *, fit_dir, data=None, labels=None, data_dir: str | None
         "sources": {"fit": str(folder.resolve()), "scale": str(scale_dir.resolve())},
         "parents": {"hybrid": hmeta["sha256"], "scaled": smeta["sha256"]},
         "timings_s": {"evaluate": round(time.perf_counter() - clock, 3)},
-        "environment": environment(),
+        "environment": environment(device),
     }
     with staged_folder(out, force=force) as stage:
         write_json(stage / "results.json", results)
