@@ -31,8 +31,11 @@ _MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
 def resolve_blocks(model, blocks) -> list[str]:
     """Check that ``blocks`` names distinct submodules of ``model``; return the names.
 
-    Whether they are consecutive and keep the state's shape shows only when the model runs
-    (see :func:`collect_depth_states`).
+    A module registered under several names (shared, as after ``blocks[1] = blocks[0]``) is
+    refused by any of them: it runs at more than one position of the trajectory, and a hybrid
+    that replaces it by one name would leave the others running the original.
+    Whether the blocks are consecutive, run once and keep the state's shape shows only when
+    the model runs (see :func:`collect_depth_states`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -41,7 +44,7 @@ def resolve_blocks(model, blocks) -> list[str]:
                         f"['blocks.0', 'blocks.1']; got {blocks!r}.")
     if not blocks:
         raise ValueError("blocks is empty; name at least one block, e.g. ['blocks.0'].")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     valid = [name for name in modules if name]
     for name in blocks:
         if not isinstance(name, str):
@@ -59,6 +62,14 @@ def resolve_blocks(model, blocks) -> list[str]:
     if repeated:
         raise ValueError(f"blocks names {repeated[0]!r} more than once; name each block once, "
                          "in the order they run.")
+    for name in blocks:
+        shared = [other for other, module in modules.items() if module is modules[name]]
+        if len(shared) > 1:
+            raise ValueError(f"block '{name}' is one module registered under the names "
+                             f"{shared} (shared): it runs wherever the forward pass calls any "
+                             "of them, and a hybrid replacing it under one name would leave the "
+                             "others running it; give each position its own module "
+                             "(copy.deepcopy) or name a span without it.")
     return list(blocks)
 
 
@@ -150,9 +161,14 @@ class _Recording:
         counts = [sum(1 for j, kind, _ in self.events if j == i and kind == "out")
                   for i in range(n)]
         for i, count in enumerate(counts):
-            if count != 1:
+            if count == 0:
+                raise ValueError(f"block '{self.names[i]}' did not run in the model's forward "
+                                 "pass; name blocks that the forward pass calls.")
+            if count > 1:
                 raise ValueError(f"block '{self.names[i]}' ran {count} times in one forward "
-                                 "pass; each block must run exactly once.")
+                                 "pass (the forward pass calls this module more than once); "
+                                 "give each call its own module (copy.deepcopy) or name a "
+                                 "span of blocks that run once each.")
         if check:
             order = [(j, kind) for j, kind, _ in self.events]
             if order != [(i, kind) for i in range(n) for kind in ("in", "out")]:
