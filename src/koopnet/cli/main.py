@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     from koopnet.cli.suggest import add_suggest_parser
 
     add_suggest_parser(sub)
+    from koopnet.cli.depth import add_depth_parsers
+
+    add_depth_parsers(sub)
     return parser
 
 

@@ -1,0 +1,51 @@
+"""Factories for tests/test_depth_cli.py, imported by ``--model-factory depth_factory:...``
+(the tests put this folder on sys.path): a tiny residual classifier and broken factories."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """x + W2 tanh(W1 x): a width-preserving residual block."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * self.fc2(torch.tanh(self.fc1(x)))
+
+
+class TinyResidual(nn.Module):
+    """Linear n_in -> width, ``depth`` residual blocks, Linear head. [n, n_in] -> [n, n_out]."""
+
+    def __init__(self, n_in: int = 4, width: int = 6, depth: int = 4, n_out: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList([Block(width) for _ in range(depth)])
+        self.head = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def make_tiny(depth: int = 4, width: int = 6) -> TinyResidual:
+    """A factory function, as a user's package would define one."""
+    return TinyResidual(width=width, depth=depth)
+
+
+def make_dict(**_) -> dict:
+    """Returns something that is not an nn.Module."""
+    return {"not": "a module"}
+
+
+def make_failing(**_) -> nn.Module:
+    raise RuntimeError("the factory broke")
+
+
+NOT_CALLABLE = 42
