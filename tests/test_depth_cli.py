@@ -5,7 +5,10 @@ in-memory one exactly, and each bad input is one error line."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +92,9 @@ def test_evaluate_scores_original_and_hybrid(files, fitted, capsys):
     assert line["metrics"] == metrics and metrics["metric"] == "accuracy"
     hybrid, model, _ = load_depth_files(fitted)
     with torch.no_grad():
-        expect = {name: float((m(files["X_t"]).argmax(1) == files["y_t"]).float().mean())
+        expect = {name: float((m(files["X_t"]).argmax(1) == files["y_t"]).double().mean())
                   for name, m in (("original", model), ("hybrid", hybrid))}
-    assert metrics["original"] == pytest.approx(56 / 64)
+    assert metrics["original"] == 56 / 64
     assert (metrics["original"], metrics["hybrid"]) == (expect["original"], expect["hybrid"])
     assert metrics["relative_error"] > 0
     assert results["parents"]["weights"] == file_sha256(files["W"])
@@ -231,3 +234,35 @@ def test_evaluate_bad_input_is_one_line(extra, pattern, files, fitted, tmp_path,
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and re.search(pattern, err), err
+
+
+def test_console_script_imports_from_the_current_folder_logs_to_stderr(files, tmp_path):
+    """The installed ``koopnet`` finds ./depth_factory.py (the cwd is not on its sys.path by
+    itself); stdout is one JSON line, the logs go to stderr and --quiet silences them."""
+    script = Path(sys.executable).with_name("koopnet")
+    if not script.is_file():
+        pytest.skip("the koopnet console script is not installed next to this Python")
+    env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    args = [str(script), "depth-fit", *_fit_args(files, tmp_path / "fit")[2:]]
+    run = subprocess.run(args, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["linear_steps"] == 3 and run.stdout.count("\n") == 1
+    assert "fitting a depth hybrid over 4 blocks on 64 samples" in run.stderr
+    quiet = subprocess.run([str(script), "--quiet", *args[1:], "--force"], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_and_evaluate_on_cuda_score_as_on_the_cpu(files, fitted, tmp_path, capsys):
+    out = tmp_path / "fit"
+    assert main(_fit_args(files, out, "--n-delays", "2", "--device", "cuda")) == 0
+    config = json.loads((out / "depth_hybrid.json").read_text())["config"]
+    assert config["device"].startswith("cuda")
+    scores = []
+    for folder, device in ((fitted, "cpu"), (out, "cuda")):
+        assert main(["--quiet", "depth-evaluate", str(folder), "--data", files["X"], "--labels",
+                     files["y"], "--out", str(tmp_path / device), "--device", device]) == 0
+        scores.append(json.loads((tmp_path / device / "results.json").read_text())["metrics"])
+    assert scores[0]["original"] == scores[1]["original"]
+    assert abs(scores[0]["hybrid"] - scores[1]["hybrid"]) <= 2 / 64

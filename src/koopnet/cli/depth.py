@@ -131,8 +131,8 @@ def _metrics(original: torch.Tensor, hybrid: torch.Tensor, y: torch.Tensor | Non
     reference, metric = (y, "accuracy") if y is not None else (
         original.argmax(1), "agreement_with_original")
     return {"n": len(original), "metric": metric,
-            "original": float((original.argmax(1) == reference).float().mean()),
-            "hybrid": float((hybrid.argmax(1) == reference).float().mean()),
+            "original": float((original.argmax(1) == reference).double().mean()),
+            "hybrid": float((hybrid.argmax(1) == reference).double().mean()),
             "relative_error": error}
 
 
