@@ -140,6 +140,20 @@ def test_save_refuses_weights_the_hybrid_was_not_fitted_on(files, tmp_path):
         assert torch.equal(load_depth_hybrid(path.parent)(files["X_t"]), hybrid(files["X_t"]))
 
 
+def test_an_edited_hybrid_reloads_with_its_edited_map(files, tmp_path):
+    from koopnet.editing import edit_modes
+
+    model = build_model("depth_factory:make_tiny", files["W"])
+    hybrid = linearize_depth(model, BLOCKS.split(","), files["X_t"], n_delays=2)
+    edited = edit_modes(hybrid, remove=[0])
+    path = save_depth_hybrid(edited, tmp_path / "h", factory="depth_factory:make_tiny",
+                             weights=files["W"])
+    again = load_depth_hybrid(path.parent)
+    with torch.no_grad():
+        assert torch.equal(again(files["X_t"]), edited(files["X_t"]))
+        assert not torch.equal(again(files["X_t"]), hybrid(files["X_t"]))
+
+
 @pytest.mark.parametrize(("factory", "kwargs", "width"), [
     ("koopnet.lab.residual:ResidualMLP", {"n_in": 4, "width": 8, "n_blocks": 3, "n_out": 3}, 4),
     ("koopnet.lab.vit:ViT", {"width": 8, "depth": 3, "heads": 2, "mlp_ratio": 1}, 784),
@@ -189,6 +203,9 @@ FIT_CASES = {
                      r"unexpected tensors \['blocks.3.fc1.bias', 'blocks.3.fc1.weight'"),
     "other width": (["--factory-kwargs", '{"width": 5}'], "has shape .*needs .*factory-kwargs"),
     "unknown block": (["--blocks", "blocks.0,blocks.9"], "block 'blocks.9' is not a submodule"),
+    "weights missing": (["--weights", "nope.safetensors"],
+                        "weights file 'nope.safetensors' does not exist"),
+    "too many delays": (["--n-delays", "5"], "n_delays=5 needs trajectories of at least 7"),
     "data missing": (["--data", "missing.npy"], "data file 'missing.npy' does not exist"),
     "data shape": (["--data", _bad_npy], r"data of shape \[8, 5\] does not fit the model"),
     "pickled weights": (["--weights", _pickled], "koopnet never unpickles"),
@@ -212,6 +229,14 @@ def test_fit_bad_input_is_one_line(case, files, tmp_path, capsys):
     assert re.search(pattern, err), err
     assert not re.search(INTERNAL, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_prints_of_the_users_code_go_to_stderr(files, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(_fit_args(files, tmp_path / "fit", factory="depth_factory:make_noisy")) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["linear_steps"] == 3
+    assert "building the model" in captured.err  # once for the fit, once for the save check
 
 
 @pytest.mark.parametrize(("extra", "pattern"), [

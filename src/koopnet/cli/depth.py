@@ -10,6 +10,7 @@ writes ``depth_hybrid.safetensors/json`` through :func:`koopnet.io.artifacts.sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -74,6 +75,13 @@ def _with_cwd_importable() -> None:
 
 def cmd_depth_fit(args: argparse.Namespace) -> int:
     """Fit a depth hybrid of the named network on ``--data`` -> ``OUT/depth_hybrid.*``."""
+    with contextlib.redirect_stdout(sys.stderr):  # the user's prints: stdout is our JSON line
+        line = _depth_fit(args)
+    print(json.dumps(line))
+    return 0
+
+
+def _depth_fit(args: argparse.Namespace) -> dict:
     check_output_dir(args.out, force=args.force)  # a bad --out fails before any work
     _check_inputs_outside(args.out, args.weights, args.data)
     spec = FitSpec(args.n_delays, args.rank, args.tikhonov, args.constant, "trajectory",
@@ -96,11 +104,9 @@ def cmd_depth_fit(args: argparse.Namespace) -> int:
     dmd = hybrid.dmd_
     log.info("rank %d of %d lifted features, %d pairs, %.2fs -> %s", dmd.rank_,
              dmd.n_features_in_, dmd.n_pairs_, seconds, args.out)
-    print(json.dumps({"out": str(args.out), "blocks": len(hybrid.blocks),
-                      "n_delays": hybrid.n_delays, "linear_steps": hybrid.linear_steps,
-                      "rank_": dmd.rank_, "n_features": dmd.n_features_in_,
-                      "n_pairs": dmd.n_pairs_, "seconds": seconds}))
-    return 0
+    return {"out": str(args.out), "blocks": len(hybrid.blocks), "n_delays": hybrid.n_delays,
+            "linear_steps": hybrid.linear_steps, "rank_": dmd.rank_,
+            "n_features": dmd.n_features_in_, "n_pairs": dmd.n_pairs_, "seconds": seconds}
 
 
 def _outputs(model: torch.nn.Module, X: torch.Tensor, batch_size: int,
@@ -138,6 +144,13 @@ def _metrics(original: torch.Tensor, hybrid: torch.Tensor, y: torch.Tensor | Non
 
 def cmd_depth_evaluate(args: argparse.Namespace) -> int:
     """Score the original network and its depth hybrid on ``--data`` -> results.json."""
+    with contextlib.redirect_stdout(sys.stderr):  # the user's prints: stdout is our JSON line
+        line = _depth_evaluate(args)
+    print(json.dumps(line))
+    return 0
+
+
+def _depth_evaluate(args: argparse.Namespace) -> dict:
     folder = _stage_folder(args.fit_dir, KIND, "depth-evaluate", "depth-fit")
     if args.out is not None:
         check_output_dir(args.out, force=args.force)
@@ -170,8 +183,7 @@ def cmd_depth_evaluate(args: argparse.Namespace) -> int:
         with staged_folder(args.out, force=args.force) as stage:
             write_json(stage / "results.json", results)
         path = Path(args.out) / "results.json"
-    print(json.dumps({"out": str(path.parent), "metrics": results["metrics"]}))
-    return 0
+    return {"out": str(path.parent), "metrics": results["metrics"]}
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
