@@ -45,6 +45,13 @@ def make_noisy(**kwargs) -> TinyResidual:
     return make_tiny(**kwargs)
 
 
+class TupleOut(TinyResidual):
+    """Returns (logits, features), as many research models do."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x), x
+
+
 def make_dict(**_) -> dict:
     """Returns something that is not an nn.Module."""
     return {"not": "a module"}

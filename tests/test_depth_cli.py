@@ -231,6 +231,15 @@ def test_fit_bad_input_is_one_line(case, files, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_refuses_a_model_without_one_output_tensor(files, tmp_path, capsys):
+    out = tmp_path / "fit"
+    assert main(_fit_args(files, out, factory="depth_factory:TupleOut")) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "depth-evaluate", str(out), "--data", files["X"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the model returns a tuple, not a tensor" in err, err
+
+
 def test_prints_of_the_users_code_go_to_stderr(files, tmp_path, capsys):
     capsys.readouterr()
     assert main(_fit_args(files, tmp_path / "fit", factory="depth_factory:make_noisy")) == 0

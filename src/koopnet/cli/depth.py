@@ -40,7 +40,6 @@ _FACTORY_HELP = ("import path of a callable that returns the nn.Module, e.g. myp
                  "make_vit or koopnet.lab.residual:ResidualMLP. Its module is imported (from "
                  "PYTHONPATH or the current folder) and run: name only code you trust. The "
                  "weights themselves are never unpickled.")
-_MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
 
 
 def _blocks(text: str) -> list[str]:
@@ -115,12 +114,16 @@ def _outputs(model: torch.nn.Module, X: torch.Tensor, batch_size: int,
     model.eval()
     with torch.no_grad():
         try:
-            model(X[:2].to(device))
-        except _MODEL_ERRORS as err:
+            probe = model(X[:2].to(device))
+        except Exception as err:  # the user's forward pass: name the data's shape, in one line
             first = (str(err).strip().splitlines() or [""])[0].rstrip(".")
             raise ValueError(f"data of shape {list(X.shape)} does not fit the model: on 2 "
                              f"samples it raised {type(err).__name__}: {first}. Pass inputs "
                              "[n, ...] shaped as the model takes them, samples first.") from err
+        if not isinstance(probe, torch.Tensor):
+            raise TypeError(f"the model returns a {type(probe).__name__}, not a tensor; "
+                            "depth-evaluate scores networks that return one tensor (logits "
+                            "[n, classes]): make the factory return a module that does.")
         return torch.cat([model(X[i:i + batch_size].to(device)).cpu()
                           for i in range(0, len(X), batch_size)])
 
