@@ -114,19 +114,31 @@ class AffineMap(nn.Module):
 
 
 def affine_fit(X: torch.Tensor, Y: torch.Tensor, ridge: float = 0.0):
-    """Least-squares affine map Y ~ X W^T + b in float64 (``ridge`` = 0: ``lstsq`` on [X, 1]).
+    """Least-squares affine map Y ~ X W^T + b in float64, fitted on centred data (the
+    intercept b = mean(Y) - mean(X) W^T is never penalised).
 
-    ``ridge`` > 0 penalises ||W||^2 with lambda = ridge * trace(Xc^T Xc) / D on centred data
-    (the intercept is not penalised), so one grid of values suits every span's scale.
+    ``ridge`` = 0: the minimum-norm least-squares W, the pseudo-inverse of the centred X with
+    singular values below rcond * s_max dropped, rcond = sqrt(D) * eps of X's dtype as given.
+    The cutoff follows the data's precision because float32 states carry the rounding of the
+    float32 arithmetic that produced them, which casting to float64 does not remove: a column
+    that is a combination of others up to that rounding (a duplicate, or flattened ViT tokens,
+    an affine image of fewer pixels) leaves singular values at about eps * s_max, spread over
+    up to sqrt(D), which a plain solve inverts into weights that amplify the rounding of
+    held-out states. (max(n, D) * eps of float64, lstsq's default, sits far below float32
+    rounding; D * eps of float32 would cut real low-variance directions of wide states.) A
+    well-conditioned design keeps every singular value and gets the plain least-squares map.
+
+    ``ridge`` > 0 penalises ||W||^2 with lambda = ridge * trace(Xc^T Xc) / D on centred data,
+    so one grid of values suits every span's scale.
     Shape: X [n, D], Y [n, W] -> weight [W, D], bias [W].
     """
+    rcond = X.shape[1] ** 0.5 * torch.finfo(X.dtype).eps
     X, Y = X.to(torch.float64), Y.to(torch.float64)
-    if ridge == 0.0:
-        ones = torch.ones(len(X), 1, dtype=X.dtype, device=X.device)
-        solution = torch.linalg.lstsq(torch.cat([X, ones], 1), Y, driver="gelsd").solution
-        return solution[:-1].T, solution[-1]
     mx, my = X.mean(0), Y.mean(0)
     Xc, Yc = X - mx, Y - my
+    if ridge == 0.0:
+        weight = (torch.linalg.pinv(Xc, rtol=rcond) @ Yc).T
+        return weight, my - mx @ weight.T
     gram = Xc.T @ Xc
     lam = ridge * torch.trace(gram) / gram.shape[0]
     eye = torch.eye(len(gram), dtype=X.dtype, device=X.device)

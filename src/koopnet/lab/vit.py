@@ -177,7 +177,13 @@ def unview(rows: torch.Tensor, n: int, L: int, d: int) -> torch.Tensor:
 
 
 class FlatAffine(nn.Module):
-    """An affine map over the whole flattened state: [B, L, d] -> [B, L, d]."""
+    """An affine map over the whole flattened state: [B, L, d] -> [B, L, d].
+
+    Its weights come from :func:`koopnet.lab.residual.affine_fit` on [n, L*d] states, a
+    design that is rank-deficient up to float32 rounding where the state is an affine image
+    of fewer inputs (s_0: 16 patches of 49 pixels, a constant CLS token and positions), so
+    the fit drops singular values at the rounding level and returns the minimum-norm map.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
@@ -296,7 +302,8 @@ def linearity_profile(model: ViT, states, val_states, val_y, *, flat: bool = Tru
     n, T1, L, d_model = val_states.shape
     T = T1 - 1
     views = VIEWS if flat else ("pos",)
-    fit = {kind: view(states, kind).double() for kind in views}
+    # the fitted states keep their dtype: affine_fit's singular-value cutoff follows it
+    fit = {kind: view(states, kind) for kind in views}
     held = {kind: view(val_states, kind).double() for kind in views}
     rows = []
     for i in range(T):
@@ -311,7 +318,7 @@ def linearity_profile(model: ViT, states, val_states, val_y, *, flat: bool = Tru
                 if kind == "pos":
                     row["val_accuracy_ls"] = _tail_score(
                         model, unview(pred.float(), n, L, d_model), j + 1, val_y)
-            sub, hold = fit["pos"][:, i:j + 2], held["pos"][:, i:j + 2]
+            sub, hold = fit["pos"][:, i:j + 2].double(), held["pos"][:, i:j + 2]
             observable = TimeDelay(0, constant=True).fit(sub[:1])
             dmd = DMD(exact_rollout=True).fit_statistics(
                 PairStatistics.from_pairs(*snapshot_pairs(observable.transform(sub))))
