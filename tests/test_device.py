@@ -28,7 +28,8 @@ from koopnet import depth as depth_module
 from koopnet.cli.main import main
 from koopnet.depth import linearize_depth
 from koopnet.dmd import DMD, PairStatistics
-from koopnet.editing import forget_class, mode_attribution
+from koopnet.editing import mode_attribution
+from koopnet.forgetting import forget_class
 from koopnet.lab.devices import resolve_device
 from koopnet.lab.protocols import environment
 from koopnet.models import build_mlp
@@ -162,7 +163,7 @@ def test_edits_attribution_and_forgetting(device, audit):
         edited = edit_modes(hybrid, remove=[0])
         projected = edit_modes(hybrid, subspace=torch.ones(D))
         table = mode_attribution(hybrid, X.to(device), y.to(device), stats=stats)
-        forgotten = forget_class(hybrid, 0, X.to(device), y.to(device), rounds=2)
+        forgotten = forget_class(hybrid, 0, X.to(device), y.to(device))
         with torch.no_grad():
             outputs = [new(X.to(device)) for new in (edited, projected, forgotten)]
     for new, out in zip((edited, projected, forgotten), outputs, strict=True):

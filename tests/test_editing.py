@@ -13,13 +13,13 @@ from koopnet.dmd import PairStatistics
 from koopnet.editing import (
     abs_below,
     edit_modes,
-    forget_class,
     mode_attribution,
     mode_groups,
     near_frequency,
     resdmd_residuals,
     spectrum,
 )
+from koopnet.forgetting import forget_class
 from koopnet.observables import TimeDelay
 
 EIGENVALUES = [0.9, 0.5, -0.3]  # plus the pair 0.6 e^{+-i pi/4}

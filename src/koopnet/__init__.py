@@ -35,8 +35,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "fit_hybrid": ("koopnet.linearization", "fit_hybrid"),
     **{name: ("koopnet.depth", name) for name in ("linearize_depth", "DepthHybrid")},
     **{name: ("koopnet.editing", name)
-       for name in ("edit_modes", "mode_attribution", "forget_class", "abs_below",
-                    "near_frequency")},
+       for name in ("edit_modes", "mode_attribution", "abs_below", "near_frequency")},
+    "forget_class": ("koopnet.forgetting", "forget_class"),
     "LearnedObservable": ("koopnet.learned", "LearnedObservable"),
     "ScalingSpec": ("koopnet.scaling", "ScalingSpec"),
     **{name: ("koopnet.io.serialize", name)
@@ -64,10 +64,10 @@ if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet.editing import (
         abs_below,
         edit_modes,
-        forget_class,
         mode_attribution,
         near_frequency,
     )
+    from koopnet.forgetting import forget_class
     from koopnet.hybrid import KoopmanHybrid
     from koopnet.io.artifacts import ArtifactError
     from koopnet.io.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits

@@ -1,5 +1,6 @@
-"""Spectral editing of hybrids: remove or scale Koopman modes, project out a subspace, forget a
-class in closed form, and attribute each class's logits to the modes that carry them.
+"""Spectral editing of hybrids: remove or scale Koopman modes, project out a subspace, and
+attribute each class's logits to the modes that carry them (forgetting a class in closed form
+is :mod:`koopnet.forgetting`).
 
 The fitted operator is A = Phi Lambda Phi^-1 (reduced coordinates, ``basis`` V [D, R]). An edit
 multiplies chosen eigenvalues by real factors c_i (c = 0 removes the mode), complex-conjugate
@@ -12,10 +13,9 @@ The ``operator`` buffer becomes A E and a DMD kept on the hybrid is edited alike
 
 A subspace edit removes directions Q [D, k] of the lifted state before the roll-out
 (linear_map' = linear_map V Pi V^T, Pi = I - Q_r Q_r^T, Q_r = orthonormalised V^T Q).
-:func:`forget_class` edits the roll-out's starting state by weighted least squares. Everything
-works for KoopmanHybrid and DepthHybrid; the input is never modified (results are deep copies).
-The algebra runs on the CPU in float64 (mode indices in LAPACK's order on any device), the
-network where the hybrid lives; edited buffers go back to the hybrid's device.
+Everything works for KoopmanHybrid and DepthHybrid; the input is never modified (results are
+deep copies). The algebra runs on the CPU in float64 (mode indices in LAPACK's order on any
+device), the network where the hybrid lives; edited buffers go back to the hybrid's device.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from koopnet._checks import as_tensor, check_float, check_int
 from koopnet.dmd import PairStatistics
 from koopnet.hybrid import KoopmanHybrid
 
-__all__ = ["abs_below", "edit_modes", "forget_class", "mode_attribution", "mode_groups",
-           "near_frequency", "resdmd_residuals", "spectrum"]
+__all__ = ["abs_below", "edit_modes", "mode_attribution", "mode_groups", "near_frequency",
+           "resdmd_residuals", "spectrum"]
 
 # relative size of an imaginary part below which an eigenvalue counts as real, and of the
 # imaginary residue of a rebuilt operator above which an edit is refused
@@ -347,54 +347,3 @@ def _per_class(logits: torch.Tensor, y: torch.Tensor, n_classes: int):
             mean_logit[c] = logits[mask, c].mean()
             acc[c] = right[mask].double().mean()
     return mean_logit, acc
-
-
-def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *, weight: float = 10.0,
-                 rounds: int = 4, ridge: float = 1e-8) -> KoopmanHybrid:
-    """A new hybrid edited in closed form (no gradient steps) to stop predicting class
-    ``class_index``; ``hybrid`` is left untouched.
-
-    Targets on the training data (X, y): kept samples keep their predicted state p =
-    linear_map g; a sample of the class gets the p of its nearest kept sample (where a network
-    that never knew the class would put it). The edit is the weighted ridge least-squares change
-    of the roll-out's starting state, z_0 = V^T g + B g: linear_map' = linear_map + C B with C =
-    linear_map V. The class's samples count ``weight`` times; ``rounds`` - 1 re-weightings
-    (x3 for a class sample still predicted as it and a kept sample now wrong) follow, one [D, D]
-    solve each. Operator and basis are kept; the result holds no DMD. The edit is linear in g,
-    so it hides the class only as far as g separates it linearly: score the result on held-out
-    data, and probe its features, before relying on it. Shape: X [n, features], y [n].
-    """
-    if not isinstance(hybrid, KoopmanHybrid):
-        raise TypeError(f"forget_class needs a KoopmanHybrid; got {type(hybrid).__name__}.")
-    X = as_tensor(X, "X")
-    y = _labels(y, len(X))
-    weight = check_float(weight, "weight", low=0.0)
-    rounds = check_int(rounds, "rounds", low=1)
-    ridge = check_float(ridge, "ridge", low=0.0)
-    basis, operator, linear_map, _ = _buffers(hybrid)
-    lifted = _lifted(hybrid, X)  # [n, D]
-    n_classes = _logits(hybrid, lifted[:1], linear_map).shape[1]
-    c = check_int(class_index, "class_index", low=0, high=n_classes - 1)
-    forget = y == c
-    if not forget.any() or forget.all():
-        raise ValueError(f"forget_class needs samples of class {c} and of the other classes in "
-                         f"y; got {int(forget.sum())} of {len(y)} in class {c}.")
-    predicted = lifted @ linear_map.T  # [n, w']
-    kept = predicted[~forget]
-    nearest = torch.cdist(predicted[forget], kept).argmin(1)
-    change = torch.zeros_like(predicted)
-    change[forget] = kept[nearest] - predicted[forget]  # targets minus predictions
-    C = linear_map @ basis  # [w', R]
-    onto = C @ torch.linalg.pinv(C)  # projector onto the maps a starting-state edit can reach
-    w = torch.ones(len(y), **_F64)
-    w[forget] = weight
-    eye = torch.eye(lifted.shape[1], **_F64)
-    new_map = linear_map
-    for _ in range(rounds):
-        gram = (lifted * w[:, None]).T @ lifted  # [D, D]
-        damping = ridge * float(gram.diagonal().max())
-        delta = torch.linalg.solve(gram + damping * eye, (lifted * w[:, None]).T @ change).T
-        new_map = linear_map + onto @ delta  # [w', D]
-        wrong = _logits(hybrid, lifted, new_map).argmax(1)
-        w = w * torch.where((forget & (wrong == c)) | (~forget & (wrong != y)), 3.0, 1.0)
-    return _with_buffers(hybrid, operator, new_map, None)

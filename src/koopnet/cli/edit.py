@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from koopnet.forgetting import METHODS
+
 _MODES_HELP = "comma-separated mode indices to remove, e.g. 0,3 (order: koopnet.editing.spectrum)"
 
 
@@ -32,8 +34,11 @@ def add_edit_parser(sub) -> argparse.ArgumentParser:
     how.add_argument("--abs-below", type=float, metavar="R",
                      help="remove every mode with |eigenvalue| < R")
     how.add_argument("--forget-class", type=int, metavar="C",
-                     help="forget class C in closed form (koopnet.editing.forget_class), "
+                     help="forget class C in closed form (koopnet.forget_class), "
                           "fitted on the recorded data set's training split")
+    parser.add_argument("--forget-method", choices=METHODS, default=None,
+                        help="how --forget-class edits the read-out (koopnet.forgetting; "
+                             f"default {METHODS[0]})")
     parser.add_argument("--out", required=True, help="output folder (refused if not empty)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
@@ -43,11 +48,15 @@ def add_edit_parser(sub) -> argparse.ArgumentParser:
 
 def edit_command(args: argparse.Namespace) -> int:
     from koopnet.cli.stages import _check_inputs_outside, _stage_folder
-    from koopnet.editing import abs_below, edit_modes, forget_class
+    from koopnet.editing import abs_below, edit_modes
+    from koopnet.forgetting import forget_class
     from koopnet.io.artifacts import check_output_dir, staged_folder
     from koopnet.io.serialize import load_with_meta, save_hybrid
     from koopnet.io.sources import fit_split, reload_data
 
+    if args.forget_method is not None and args.forget_class is None:
+        raise ValueError(f"--forget-method {args.forget_method} applies to --forget-class only; "
+                         "drop it or pass --forget-class C.")
     check_output_dir(args.out, force=args.force)
     folder = _stage_folder(args.fit_dir, "hybrid", "edit", "fit")
     _check_inputs_outside(args.out, folder)
@@ -56,13 +65,14 @@ def edit_command(args: argparse.Namespace) -> int:
     clock = time.perf_counter()
     if args.forget_class is not None:
         splits, _ = reload_data(meta, folder / "hybrid.json", "fit",
-                                "forget a class with koopnet.editing.forget_class instead")
+                                "forget a class with koopnet.forget_class instead")
         X, y = fit_split(splits)
         if y is None:
             raise ValueError(f"the data set recorded in '{folder}/hybrid.json' has no labels; "
                              "--forget-class needs labelled training data.")
-        edited = forget_class(hybrid, args.forget_class, X, y)
-        edit = {"forget_class": args.forget_class}
+        method = args.forget_method or METHODS[0]
+        edited = forget_class(hybrid, args.forget_class, X, y, method=method)
+        edit = {"forget_class": args.forget_class, "method": method}
     elif args.remove_modes is not None:
         edited = edit_modes(hybrid, remove=args.remove_modes)
         edit = {"remove_modes": args.remove_modes}

@@ -1,0 +1,210 @@
+"""Forgetting a class in closed form: edit the hybrid's linear read-out g -> p, no gradient steps.
+
+The hybrid reads its predicted state out of the lifted state as p = linear_map g ([w'] from [D]),
+then runs the nonlinear tail. Every method here replaces that map by an affine one, p' = M g + b,
+fitted on training data; M becomes the new ``linear_map`` and b is folded where the map meets a
+constant: the constant feature of the lifted state when the observable has one, else the bias of
+the tail's first ``nn.Linear`` (the tail computes the same on p' either way). Operator and basis
+are kept; the result holds no DMD (it would no longer match the map).
+
+Methods (c the forgotten class, "kept" every other sample, m and mu the class means of g and p):
+
+- ``"erase"``: the affine edit with the least mean squared change of the kept samples' p that
+  makes c's mean of p' equal the kept mean (the class indicator's cross-covariance with p' is
+  zero, so no linear probe on p' beats a constant at telling c from the rest). It is an oblique
+  projection of the lifted state, g' = g - dm a^T (g - m_kept) / a^T dm, dm = m_c - m_kept,
+  a = S^+ dm with S the kept samples' covariance of g; kept means stay where they were.
+- ``"leace"``: LEACE (Belrose et al. 2023) of the class indicator at p itself: the affine map of p
+  with the least mean squared change over all samples under the same constraint,
+  p' = p - s s^T C^+ (p - mu) / (s^T C^+ s), s the cross-covariance, C the covariance of p.
+- ``"reassign"``: the affine least-squares map whose targets are the kept samples' own p and, for
+  each sample of c, the mean p of the kept class the network ranks next for it.
+- ``"reassign-erase"``: ``"reassign"``, then ``"erase"`` on its output (the default; chosen on the
+  validation split in ``benchmarks/forgetting.py``).
+- ``"redirect"``: koopnet's first edit: the starting state of the roll-out is changed by weighted
+  ridge least squares towards the p of each class sample's nearest kept sample.
+
+Erasure removes the class from the means of p' only; the tail is nonlinear, so probe the
+penultimate features of the result, on held-out data, before relying on it. The algebra runs on
+the CPU in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from koopnet._checks import as_tensor, check_choice, check_float, check_int
+from koopnet.editing import _F64, _buffers, _labels, _lifted, _logits, _with_buffers
+from koopnet.hybrid import KoopmanHybrid
+
+__all__ = ["METHODS", "forget_class"]
+
+METHODS = ("reassign-erase", "erase", "leace", "reassign", "redirect")
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(gram + ridge max(diag) I)^-1 rhs, the damped normal equations of every fit here."""
+    damping = ridge * max(float(gram.diagonal().max()), 1e-300)
+    return torch.linalg.solve(gram + damping * torch.eye(len(gram), **_F64), rhs)
+
+
+def _erase(lifted: torch.Tensor, forget: torch.Tensor, M: torch.Tensor, b: torch.Tensor,
+           ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M', b') of ``"erase"`` applied after p = M g + b. Shape: lifted [n, D], M [w', D]."""
+    kept_mean = lifted[~forget].mean(0)
+    gap = lifted[forget].mean(0) - kept_mean  # dm [D]
+    centred = lifted[~forget] - kept_mean
+    a = _solve(centred.T @ centred / len(centred), gap, ridge)  # S^+ dm [D]
+    along = float(a @ gap)
+    if not along > 0:  # dm = 0: the class means of g, hence of p, already coincide
+        return M, b
+    shift = M @ gap / along  # [w']
+    return M - shift[:, None] * a[None, :], b + shift * float(a @ kept_mean)
+
+
+def _leace(lifted: torch.Tensor, forget: torch.Tensor, M: torch.Tensor,
+           b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M', b') of ``"leace"``: p' = (I - E) p + E mu with E = s s^T C^+ / s^T C^+ s."""
+    predicted = lifted @ M.T + b  # [n, w']
+    mean = predicted.mean(0)
+    centred = predicted - mean
+    z = forget.to(torch.float64)
+    s = centred.T @ (z - z.mean()) / len(z)  # cross-covariance [w']
+    whitened = torch.linalg.pinv(centred.T @ centred / len(z), hermitian=True) @ s
+    along = float(s @ whitened)
+    if not along > 0:
+        return M, b
+    E = s[:, None] * whitened[None, :] / along  # [w', w']
+    return M - E @ M, b - E @ b + E @ mean
+
+
+def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map: torch.Tensor,
+              ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, b) of ``"reassign"``, the centred ridge least-squares fit of the targets on g."""
+    predicted = lifted @ linear_map.T  # [n, w']
+    logits = _logits(hybrid, lifted, linear_map)
+    present = torch.zeros(logits.shape[1], dtype=torch.bool, device="cpu")
+    present[y.unique()] = True
+    present[c] = False
+    runner_up = logits.masked_fill(~present, -torch.inf).argmax(1)  # best kept class
+    targets = predicted.clone()
+    forget = y == c
+    for k in present.nonzero().flatten().tolist():
+        targets[forget & (runner_up == k)] = predicted[y == k].mean(0)
+    g_mean, t_mean = lifted.mean(0), targets.mean(0)
+    centred = lifted - g_mean
+    M = _solve(centred.T @ centred, centred.T @ (targets - t_mean), ridge).T  # [w', D]
+    return M, t_mean - M @ g_mean
+
+
+def _redirect(hybrid, lifted, y, c, basis, linear_map, *, weight, rounds, ridge):
+    """``"redirect"``: linear_map + C B with C = linear_map V (a change B g of the starting
+    state), fitted by weighted ridge least squares; ``rounds`` - 1 re-weightings (x3 for a class
+    sample still predicted as it and a kept sample now wrong) follow, one [D, D] solve each."""
+    forget = y == c
+    predicted = lifted @ linear_map.T  # [n, w']
+    kept = predicted[~forget]
+    nearest = torch.cdist(predicted[forget], kept).argmin(1)
+    change = torch.zeros_like(predicted)
+    change[forget] = kept[nearest] - predicted[forget]  # targets minus predictions
+    C = linear_map @ basis  # [w', R]
+    onto = C @ torch.linalg.pinv(C)  # projector onto the maps a starting-state edit can reach
+    w = torch.ones(len(y), **_F64)
+    w[forget] = weight
+    new_map = linear_map
+    for _ in range(rounds):
+        delta = _solve((lifted * w[:, None]).T @ lifted, (lifted * w[:, None]).T @ change,
+                       ridge).T
+        new_map = linear_map + onto @ delta  # [w', D]
+        wrong = _logits(hybrid, lifted, new_map).argmax(1)
+        w = w * torch.where((forget & (wrong == c)) | (~forget & (wrong != y)), 3.0, 1.0)
+    return new_map
+
+
+def _leading(tail: nn.Module) -> nn.Module:
+    return tail[0] if isinstance(tail, nn.Sequential) and len(tail) else tail
+
+
+def _first_linear(tail: nn.Module) -> nn.Linear | None:
+    first = _leading(tail)
+    return first if isinstance(first, nn.Linear) and first.bias is not None else None
+
+
+def _check_offset_target(hybrid: KoopmanHybrid, method: str) -> None:
+    if getattr(hybrid.observable, "constant", False) or _first_linear(hybrid.tail) is not None:
+        return
+    raise ValueError(f"forget_class(method={method!r}) shifts the predicted state by a constant, "
+                     "which needs a lifted state with a constant feature (an observable with "
+                     "constant=True) or a tail starting with an nn.Linear with a bias; this "
+                     f"tail starts with {type(_leading(hybrid.tail)).__name__}. "
+                     "Use method='redirect', or fit the hybrid with a constant observable.")
+
+
+def _fold_offset(new: KoopmanHybrid, offset: torch.Tensor) -> None:
+    """Add the constant ``offset`` [w'] to p in ``new`` (a copy): onto the constant feature's
+    column of ``linear_map``, else into the tail's first Linear (bias += W offset)."""
+    with torch.no_grad():
+        if getattr(new.observable, "constant", False):  # the constant is the last feature
+            column = new.linear_map[:, -1]
+            column += offset.to(column.device, column.dtype)
+            return
+        linear = _first_linear(new.tail)
+        weight = linear.weight.detach().to(**_F64)
+        shift = weight @ offset
+        linear.bias += shift.to(linear.bias.device, linear.bias.dtype)
+
+
+def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
+                 method: str = "reassign-erase", ridge: float = 1e-8,
+                 weight: float | None = None, rounds: int | None = None) -> KoopmanHybrid:
+    """A new hybrid whose linear read-out is edited in closed form (no gradient steps) so that
+    it forgets class ``class_index``; ``hybrid`` is left untouched.
+
+    ``method``: one of :data:`METHODS` (see the module docs); each is fitted on (X, y), the
+    training data. ``ridge``: relative damping of every least-squares solve. ``weight`` (how
+    many times a class sample counts, default 10) and ``rounds`` (default 4) belong to
+    ``"redirect"`` only. With ``"erase"``, ``"leace"`` and ``"reassign-erase"`` the class's mean
+    of the edited predicted state equals the other samples' mean on (X, y). The edit is affine in
+    g, so it forgets the class only as far as g separates it linearly: score the result on
+    held-out data, and probe its features, before relying on it.
+    Shape: X [n, features], y [n]; the result maps inputs to logits as ``hybrid`` does.
+    """
+    if not isinstance(hybrid, KoopmanHybrid):
+        raise TypeError(f"forget_class needs a KoopmanHybrid; got {type(hybrid).__name__}.")
+    method = check_choice(method, "method", METHODS)
+    if method != "redirect" and (weight is not None or rounds is not None):
+        raise ValueError(f"weight= and rounds= belong to method='redirect'; method={method!r} "
+                         "takes neither. Drop them or pass method='redirect'.")
+    if method != "redirect":
+        _check_offset_target(hybrid, method)
+    X = as_tensor(X, "X")
+    y = _labels(y, len(X))
+    ridge = check_float(ridge, "ridge", low=0.0)
+    basis, operator, linear_map, _ = _buffers(hybrid)
+    lifted = _lifted(hybrid, X)  # [n, D]
+    n_classes = _logits(hybrid, lifted[:1], linear_map).shape[1]
+    c = check_int(class_index, "class_index", low=0, high=n_classes - 1)
+    forget = y == c
+    if not forget.any() or forget.all():
+        raise ValueError(f"forget_class needs samples of class {c} and of the other classes in "
+                         f"y; got {int(forget.sum())} of {len(y)} in class {c}.")
+    if method == "redirect":
+        new_map = _redirect(hybrid, lifted, y, c, basis, linear_map,
+                            weight=check_float(10.0 if weight is None else weight, "weight",
+                                               low=0.0),
+                            rounds=check_int(4 if rounds is None else rounds, "rounds", low=1),
+                            ridge=ridge)
+        return _with_buffers(hybrid, operator, new_map, None)
+    offset = torch.zeros(len(linear_map), **_F64)
+    if method == "leace":
+        new_map, offset = _leace(lifted, forget, linear_map, offset)
+    elif method == "erase":
+        new_map, offset = _erase(lifted, forget, linear_map, offset, ridge)
+    else:
+        new_map, offset = _reassign(hybrid, lifted, y, c, linear_map, ridge)
+        if method == "reassign-erase":
+            new_map, offset = _erase(lifted, forget, new_map, offset, ridge)
+    new = _with_buffers(hybrid, operator, new_map, None)
+    _fold_offset(new, offset)
+    return new

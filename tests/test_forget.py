@@ -1,0 +1,168 @@
+"""Forgetting a class in closed form (koopnet.forgetting): the erasure's algebra on a
+linear-Gaussian toy, the input left alone, save/load, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from koopnet import KoopmanHybrid, forget_class, load_hybrid, save_hybrid
+from koopnet.editing import _lifted
+from koopnet.forgetting import METHODS
+from koopnet.observables import TimeDelay
+
+WIDTH = 5
+ERASING = ("reassign-erase", "erase", "leace")  # methods that equalise the class means
+
+
+def _gaussians(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three Gaussian classes in R^3 (float64). Shape: X [n, 3], y [n]."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[2.0, 0.0, 0.0], [-1.0, 2.0, 0.0], [-1.0, -2.0, 1.0]],
+                           dtype=torch.float64)
+    y = torch.arange(n) % 3
+    return centres[y] + 0.7 * torch.randn(n, 3, generator=g, dtype=torch.float64), y
+
+
+def _toy(*, constant: bool = False) -> KoopmanHybrid:
+    """A float64 hybrid linear up to its tail: Linear head, identity roll-out, delay-0 lifting
+    (with the constant feature when asked, then a tail that starts with a ReLU)."""
+    torch.manual_seed(0)
+    observable = TimeDelay(0, constant=constant).fit(torch.zeros(1, 1, WIDTH))
+    D = observable.n_output_features_
+    eye = torch.eye(D, dtype=torch.float64)
+    readout = observable.readout(WIDTH).to(torch.float64)
+    head = nn.Linear(3, WIDTH).double()
+    tail = nn.Sequential(*([nn.ReLU()] if constant else []), nn.Linear(WIDTH, 3)).double()
+    X, y = _gaussians(600, 1)
+    with torch.no_grad():  # a tail that classifies the toy: least squares on one-hot targets
+        features = torch.cat([head(X), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+        if constant:
+            features[:, :-1] = features[:, :-1].relu()
+        coef = torch.linalg.lstsq(features, nn.functional.one_hot(y).double()).solution
+        tail[-1].weight.copy_(coef[:-1].T)
+        tail[-1].bias.copy_(coef[-1])
+    return KoopmanHybrid(head, nn.Sequential(), tail, observable, basis=eye, operator=eye.clone(),
+                         readout=readout, linear_map=readout.clone(), width=WIDTH,
+                         linear_steps=1).eval()
+
+
+def _class_means(values: torch.Tensor, y: torch.Tensor, c: int):
+    return values[y == c].mean(0), values[y != c].mean(0)
+
+
+@pytest.mark.parametrize("method", ERASING)
+@pytest.mark.parametrize("c", [0, 2])
+def test_erasure_makes_the_class_means_coincide(method, c):
+    hybrid = _toy()
+    X, y = _gaussians(600, 1)
+    edited = forget_class(hybrid, c, X, y, method=method)
+    with torch.no_grad():  # the tail is one Linear: its outputs are affine in the edited p'
+        before, after = hybrid(X), edited(X)
+    inside, outside = _class_means(after, y, c)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=1e-10)
+    gap = _class_means(before, y, c)
+    assert float((gap[0] - gap[1]).abs().max()) > 0.5  # there was something to erase
+    if method == "erase":  # the kept samples' mean does not move
+        torch.testing.assert_close(outside, before[y != c].mean(0), rtol=0, atol=1e-10)
+    if method == "leace":  # nor does the mean of all samples
+        torch.testing.assert_close(after.mean(0), before.mean(0), rtol=0, atol=1e-10)
+
+
+def test_the_offset_goes_into_the_constant_feature_when_there_is_one():
+    hybrid = _toy(constant=True)
+    X, y = _gaussians(600, 1)
+    edited = forget_class(hybrid, 1, X, y, method="erase")
+    for old, new in zip(hybrid.tail.state_dict().values(), edited.tail.state_dict().values(),
+                        strict=True):
+        assert torch.equal(old, new)  # the tail is not touched; the map holds the offset
+    predicted = _lifted(edited, X) @ edited.linear_map.T  # p' itself, before the ReLU
+    inside, outside = _class_means(predicted, y, 1)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=1e-10)
+
+
+def test_erase_is_the_least_change_of_the_kept_samples():
+    """Every edit p' = p - d (a^T (g - m_kept)) that equalises the means moves p along the same
+    d = M dm / a^T dm; any direction a other than the one chosen moves the kept samples further
+    (compared after the tail's Linear W, which scales every candidate alike)."""
+    hybrid = _toy()
+    X, y = _gaussians(600, 1)
+    kept = y != 0
+    with torch.no_grad():
+        change = forget_class(hybrid, 0, X, y, method="erase")(X) - hybrid(X)  # W (p' - p)
+        W = hybrid.tail[0].weight.detach()
+    best = float((change[kept] ** 2).sum(1).mean())
+    lifted = _lifted(hybrid, X)
+    gap = lifted[~kept].mean(0) - lifted[kept].mean(0)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        a = gap + 0.3 * torch.randn(len(gap), generator=g, dtype=torch.float64)
+        t = (lifted[kept] - lifted[kept].mean(0)) @ a / float(a @ gap)  # [n_kept]
+        moved = (W @ hybrid.linear_map @ gap)[None, :] * t[:, None]
+        assert float((moved ** 2).sum(1).mean()) > best
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_input_untouched_and_saved_edit_loads_equal(method, tmp_path):
+    hybrid = _toy()
+    X, y = _gaussians(600, 1)
+    state = {k: v.clone() for k, v in hybrid.state_dict().items()}
+    edited = forget_class(hybrid, 2, X, y, method=method)
+    for key, value in hybrid.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert edited.dmd_ is None
+    save_hybrid(edited, tmp_path / "edited")
+    loaded = load_hybrid(tmp_path / "edited")
+    for key, value in edited.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key].to(value.dtype), value), key
+    Xt, _ = _gaussians(50, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(Xt), edited(Xt), rtol=0, atol=1e-12)
+
+
+def test_reassign_erase_forgets_the_class_on_held_out_data():
+    hybrid = _toy()
+    X, y = _gaussians(600, 1)
+    Xt, yt = _gaussians(900, 2)
+
+    def per_class(net):
+        with torch.no_grad():
+            predicted = net(Xt).argmax(1)
+        return [float((predicted[yt == k] == k).double().mean()) for k in range(3)]
+
+    before = per_class(hybrid)
+    assert min(before) > 0.95
+    after = per_class(forget_class(hybrid, 2, X, y))
+    assert after[2] < 0.05 and min(after[:2]) > 0.9
+
+
+def test_refusals_name_the_problem_and_the_fix():
+    hybrid = _toy()
+    X, y = _gaussians(60, 1)
+    with pytest.raises(ValueError, match=r"method='bogus' must be 'reassign-erase' or 'erase'"):
+        forget_class(hybrid, 0, X, y, method="bogus")
+    with pytest.raises(ValueError, match=r"weight= and rounds= belong to method='redirect'"):
+        forget_class(hybrid, 0, X, y, method="erase", rounds=2)
+    relu_first = _toy()
+    relu_first.tail = nn.Sequential(nn.ReLU(), relu_first.tail[0])
+    with pytest.raises(ValueError, match=r"this tail starts with ReLU\. Use method='redirect'"):
+        forget_class(relu_first, 0, X, y)
+    forget_class(relu_first, 0, X, y, method="redirect", rounds=1)  # needs no offset
+    with pytest.raises(ValueError, match=r"class_index=3 must be <= 2"):
+        forget_class(hybrid, 3, X, y)
+    with pytest.raises(ValueError, match=r"needs samples of class 2 and of the other classes"):
+        forget_class(hybrid, 2, X[y != 2], y[y != 2])
+    with pytest.raises(TypeError, match=r"forget_class needs a KoopmanHybrid"):
+        forget_class(nn.Linear(3, 3), 0, X, y)
+
+
+def test_cli_forget_method_needs_forget_class(tmp_path, capsys):
+    from koopnet.cli.main import main
+
+    save_hybrid(_toy(), tmp_path / "fit")
+    code = main(["edit", str(tmp_path / "fit"), "--remove-modes", "0", "--forget-method",
+                 "erase", "--out", str(tmp_path / "edited")])
+    assert code != 0
+    assert "--forget-method erase applies to --forget-class only" in capsys.readouterr().err
+    assert not (tmp_path / "edited").exists()
