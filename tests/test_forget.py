@@ -142,7 +142,9 @@ def test_refusals_name_the_problem_and_the_fix():
     X, y = _gaussians(60, 1)
     with pytest.raises(ValueError, match=r"method='bogus' must be 'reassign-erase' or 'erase'"):
         forget_class(hybrid, 0, X, y, method="bogus")
-    with pytest.raises(ValueError, match=r"weight= and rounds= belong to method='redirect'"):
+    with pytest.raises(ValueError, match=r"weight= belongs to method='redirect'"):
+        forget_class(hybrid, 0, X, y, method="reassign", weight=2.0)
+    with pytest.raises(ValueError, match=r"method='erase' is one closed-form step"):
         forget_class(hybrid, 0, X, y, method="erase", rounds=2)
     relu_first = _toy()
     relu_first.tail = nn.Sequential(nn.ReLU(), relu_first.tail[0])
