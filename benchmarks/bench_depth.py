@@ -6,6 +6,8 @@ inputs and timed against the original on the same batch, in one process with 1 t
 alternating original and hybrid so that load from other jobs hits both alike. Speed does not
 depend on the weights, so the models are freshly initialised. The ViT gets both views: one
 64x64-sized map per token (per position) and one 1088x1088-sized map over the flattened state.
+The residual MLP also gets the learned lifting of ``koopnet reproduce resmlp-mnist`` (psi of
+one block's multiply-adds, then one map), its psi untrained (its cost does not depend on it).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_depth.py [--batches 8,256] [--repeats 30]
 
@@ -28,8 +30,11 @@ from pathlib import Path
 import torch
 
 from koopnet import linearize_depth
-from koopnet.lab.residual import ResidualMLP
+from koopnet.depth import DepthHybrid
+from koopnet.dmd import DMD
+from koopnet.lab.residual import LIFTING, ResidualMLP, depth_states
 from koopnet.lab.vit import ViT
+from koopnet.learned import LearnedObservable
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,13 +50,25 @@ def _time(model, X, repeats: int) -> list[float]:
     return out
 
 
+def _lifted(model, names, k: int, fit_X) -> DepthHybrid:
+    """The learned-lifting hybrid of the last k blocks (psi untrained: same cost)."""
+    states = depth_states(model, fit_X)[:, len(names) - k:]  # [n, k+1, W]
+    observable = LearnedObservable(0, hidden=states.shape[2],
+                                   **{**LIFTING, "n_steps": 0}).fit(states)
+    dmd = DMD(exact_rollout=True).fit(observable.transform(states.double()))
+    return DepthHybrid(model, names[len(names) - k:], observable, dmd).eval()
+
+
 def bench(name, model, views, X, fit_X, repeats: int) -> list[dict]:
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
     rows = []
     for k in range(1, len(names) + 1):
         for per_position in views:
-            hybrid = linearize_depth(model, names[len(names) - k:], fit_X, n_delays=0,
-                                     per_position=per_position)
+            if per_position == "lifting":
+                hybrid = _lifted(model, names, k, fit_X)
+            else:
+                hybrid = linearize_depth(model, names[len(names) - k:], fit_X, n_delays=0,
+                                         per_position=per_position)
             orig, hyb = [], []
             for _ in range(repeats):  # interleaved: original, hybrid, original, ...
                 orig += _time(model, X, 1)
@@ -59,7 +76,8 @@ def bench(name, model, views, X, fit_X, repeats: int) -> list[dict]:
             # the fastest pass is the one least disturbed by the other jobs on the machine
             t_orig, t_hyb = min(orig), min(hyb)
             rows.append({"model": name, "batch": len(X), "replaced": k, "of": len(names),
-                         "view": "per position" if per_position else "flattened",
+                         "view": {True: "per position", False: "flattened"}.get(
+                             per_position, "learned lifting"),
                          "original_ms": 1e3 * t_orig, "hybrid_ms": 1e3 * t_hyb,
                          "original_per_s": len(X) / t_orig, "hybrid_per_s": len(X) / t_hyb,
                          "speedup": t_orig / t_hyb,
@@ -106,7 +124,8 @@ def main() -> None:
     rows = []
     for batch in batches:
         X = torch.randn(batch, 784)
-        rows += bench("ResMLP 784-256 x4", resmlp, (False,), X, fit_X, args.repeats)
+        rows += bench("ResMLP 784-256 x4", resmlp, (False, "lifting"), X, fit_X,
+                      args.repeats)
         rows += bench("ViT 17x64 x6", vit, (True, False), X, fit_X, args.repeats)
     meta = {"batches": batches, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "statistic": "fastest of interleaved single-batch forward passes (median "

@@ -25,7 +25,8 @@ def test_quick_reproduction_selects_on_validation(mnist_dir, tmp_path, monkeypat
     results = json.loads((out / "results.json").read_text())
     assert results["kind"] == "depth" and [o["seed"] for o in results["original"]] == [0]
     assert {(r["span"], r["method"]) for r in results["rows"]} == {
-        (k, m) for k in range(1, 5) for m in residual_run.METHODS}
+        (k, m) for k in range(1, 5) for m in residual_run.METHODS
+        if m != "learned lifting" or k == 1}  # quick: a lifting of the last block only
     assert len(results["profile"]) == 10  # every contiguous span of 4 blocks
     assert (out / "accuracy_vs_replaced_blocks.png").stat().st_size > 0
     assert "| 3 | delay DMD |" in (out / "report.md").read_text()
@@ -78,10 +79,16 @@ def test_exactly_linear_blocks_give_exact_replacements():
     model = model.double().eval()
     X = torch.randn(400, 5, dtype=torch.float64, generator=generator)
     states = residual.depth_states(model, X)
-    grid = {"delays": None, "ranks": (None,), "tikhonovs": (0.0,), "ridges": ()}
+    grid = {"delays": None, "ranks": (None,), "tikhonovs": (0.0,), "ridges": (),
+            "lifting_spans": (2, 4), "lifting_ratio": 1, "lifting_steps": 3, "seed": 0}
     val = Split(X[:50], model(X[:50]).argmax(1))
     rows, models = sweep_spans(model, states, val, grid)
-    assert {r["method"] for r in rows} == {"identity", "least squares", "delay DMD"}
+    assert {r["method"] for r in rows} == {"identity", "least squares", "delay DMD",
+                                           "learned lifting"}
+    lifted = [r for r in rows if r["method"] == "learned lifting"]
+    assert [r["span"] for r in lifted] == [2, 4]
+    # psi: Linear 6 -> 6 -> 6 (W features) costs one block's two 6 x 6 maps
+    assert all(r["nonlinear_macs"] == r["block_macs"] == 72 for r in lifted)
     expected = model(X[:50])
     for row in rows:
         if row["method"] == "identity":

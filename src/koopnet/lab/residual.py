@@ -9,7 +9,14 @@ trajectory, so the last k blocks can be replaced, with nothing trained, by
   s_{h-d} on (h = T - k blocks still run); d, rank and Tikhonov are chosen on validation;
 - ``identity``: the blocks are skipped (output s_h), the baseline that skipping is;
 - ``least squares``: the closed-form affine map s_h -> s_T (ReplaceMe-style);
-- ``ridge``: the same map with an L2 penalty chosen on validation.
+- ``ridge``: the same map with an L2 penalty chosen on validation;
+- ``learned lifting`` (for the spans in ``grid["lifting_spans"]``): the state s_h plus a
+  learned encoder psi(s_h) of ``lifting_ratio`` x W features
+  (:class:`koopnet.learned.LearnedObservable` with ``encoder_input="state"``: Linear W -> W,
+  GELU, Linear W -> rW, GELU, trained on the training states as a Koopman autoencoder), then a
+  DMD over the span refitted in closed form on the lifted states. With r = 1, psi costs 2 W^2
+  multiply-adds, one block's: that is the nonlinear work left, reported beside one block's
+  (``nonlinear_macs``, ``block_macs``).
 
 Every setting is chosen on the validation split; the test split only scores the selected
 row, so scrambling the test labels cannot change a selection. The per-block linearity profile
@@ -27,6 +34,7 @@ from torch import nn
 
 from koopnet.depth import DepthHybrid, collect_depth_states
 from koopnet.dmd import DMD, PairStatistics
+from koopnet.learned import LearnedObservable
 from koopnet.models import TrainConfig, accuracy, model_device
 from koopnet.observables import TimeDelay, snapshot_pairs
 
@@ -168,11 +176,43 @@ def _hybrid(model, names, states, h, d, constant):
     return observable, PairStatistics.from_pairs(X, Y)
 
 
+_LIFTING_KEYS = ("lifting_ratio", "lifting_seed", "lifting_steps", "nonlinear_macs",
+                 "block_macs")
+#: the lifting's training: full-rank batches (more pairs than lifted features); psi's hidden
+#: width is W (set in _lifting)
+LIFTING = {"activation": "gelu", "encoder_input": "state", "constant": True,
+           "n_steps": 600, "batch_size": 2048, "lr": 3e-3}
+
+
+def _lifting(states, h, ratio: int, seed: int, n_steps: int):
+    """Learned lifting of s_h..s_T and the pair statistics of its lifted trajectories."""
+    sub = states[:, h:]  # [N, T - h + 1, W]
+    width = sub.shape[2]
+    observable = LearnedObservable(0, latent_dims=ratio * width, hidden=width, seed=seed,
+                                   **{**LIFTING, "n_steps": n_steps}).fit(sub)
+    X, Y = snapshot_pairs(observable.transform(sub.to(torch.float64)))
+    return observable, PairStatistics.from_pairs(X, Y)
+
+
+def _lifting_rows(add, model, names, states, span, grid) -> None:
+    h, width = len(names) - span, states.shape[2]
+    settings = {"lifting_ratio": grid["lifting_ratio"], "lifting_seed": grid.get("seed", 0),
+                "lifting_steps": grid.get("lifting_steps", LIFTING["n_steps"])}
+    observable, stats = _lifting(states, h, *settings.values())
+    costs = {**settings, "nonlinear_macs": observable.nonlinear_macs(width),
+             "block_macs": 2 * width * width}
+    for tikhonov in grid["tikhonovs"]:
+        dmd = DMD(None, tikhonov=tikhonov, exact_rollout=True).fit_statistics(stats)
+        add(span, "learned lifting", DepthHybrid(model, names[h:], observable, dmd).eval(),
+            n_delays=0, rank=dmd.rank_, tikhonov=tikhonov, **costs)
+
+
 def sweep_spans(model, states, val, grid: dict, log=None) -> tuple[list[dict], dict]:
     """Every method and setting for every span of last blocks, scored on validation only.
 
     ``states`` [N, T+1, W] are training-split depth states; ``grid`` holds ``delays`` (None:
-    all possible), ``ranks``, ``tikhonovs`` and ``ridges``. Returns one row per setting with
+    all possible), ``ranks``, ``tikhonovs``, ``ridges`` and optionally ``lifting_spans``,
+    ``lifting_ratio`` and ``seed`` (the learned lifting's). Returns one row per setting with
     span (number of replaced blocks), method, n_delays, rank, tikhonov, ridge, val_accuracy,
     and the replaced model of the best row per (span, method) (the first wins a tie, as in
     :func:`select`).
@@ -188,7 +228,8 @@ def sweep_spans(model, states, val, grid: dict, log=None) -> tuple[list[dict], d
         rows.append({"span": span, "method": method, "n_delays": settings.get("n_delays"),
                      "rank": settings.get("rank"), "tikhonov": settings.get("tikhonov"),
                      "rank_setting": settings.get("rank_setting"),
-                     "ridge": settings.get("ridge"), "val_accuracy": acc})
+                     "ridge": settings.get("ridge"), "val_accuracy": acc,
+                     **{k: settings[k] for k in _LIFTING_KEYS if k in settings}})
 
     for span in range(1, T + 1):
         h = T - span
@@ -206,6 +247,8 @@ def sweep_spans(model, states, val, grid: dict, log=None) -> tuple[list[dict], d
                     hybrid = DepthHybrid(model, names[h - d:], observable, dmd).eval()
                     add(span, "delay DMD", hybrid, n_delays=d, rank=dmd.rank_,
                         rank_setting=rank, tikhonov=tikhonov)
+        if span in grid.get("lifting_spans", ()):
+            _lifting_rows(add, model, names, states, span, grid)
         if log is not None:
             log(f"span {span}: {len(rows)} settings scored")
     return rows, {key: hybrid for key, (_, hybrid) in best.items()}
@@ -230,6 +273,11 @@ def rebuild(model, states, row: dict) -> nn.Module:
     if row["method"] in ("least squares", "ridge"):
         weight, bias = affine_fit(states[:, h], states[:, T], row["ridge"] or 0.0)
         return replace_span(model, h, T - 1, AffineMap(weight, bias))
+    if row["method"] == "learned lifting":
+        observable, stats = _lifting(states, h, row["lifting_ratio"], row["lifting_seed"],
+                                     row["lifting_steps"])
+        dmd = DMD(None, tikhonov=row["tikhonov"], exact_rollout=True).fit_statistics(stats)
+        return DepthHybrid(model, names[h:], observable, dmd).eval()
     d = row["n_delays"]
     observable, stats = _hybrid(model, names, states, h, d, constant=True)
     dmd = DMD(row["rank_setting"], tikhonov=row["tikhonov"],

@@ -28,7 +28,9 @@ from koopnet.models import TrainConfig, accuracy
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
-METHODS = ("delay DMD", "least squares", "ridge", "identity")
+_SETTING_KEYS = ("seed", "n_delays", "rank", "tikhonov", "ridge", "lifting_ratio",
+                 "nonlinear_macs", "block_macs")
+METHODS = ("delay DMD", "learned lifting", "least squares", "ridge", "identity")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class DepthConfig:
     ranks: tuple = (None, 0.9999, 0.999)
     tikhonovs: tuple[float, ...] = (0.0, 1e-6, 1e-4)
     ridges: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    lifting_spans: tuple[int, ...] = (3, 4)  # spans that also get a learned lifting
+    lifting_ratio: int = 1  # psi's features per neuron: W -> W -> W costs one block's MACs
+    lifting_steps: int = 600
     data_dir: str | None = None
 
 
@@ -56,7 +61,8 @@ def depth_config(*, seed: int | None = None, seeds: tuple[int, ...] | None = Non
         config = dataclasses.replace(config, seeds=(0,), base=RESMLP_MNIST_QUICK,
                                      train_subset=5000, fit_subset=5000, delays=(0, 1),
                                      ranks=(None,),
-                                     tikhonovs=(0.0,), ridges=(1e-2,))
+                                     tikhonovs=(0.0,), ridges=(1e-2,), lifting_spans=(1,),
+                                     lifting_steps=5)
     if seed is not None:
         seeds = (seed,)
     if seeds is not None:
@@ -91,7 +97,9 @@ def _run_seed(config: DepthConfig, seed: int, device: torch.device | str = "cpu"
              original["val_accuracy"])
     states = residual.depth_states(model, train.X[:config.fit_subset])
     grid = {"delays": config.delays, "ranks": config.ranks, "tikhonovs": config.tikhonovs,
-            "ridges": config.ridges}
+            "ridges": config.ridges, "lifting_spans": config.lifting_spans,
+            "lifting_ratio": config.lifting_ratio, "lifting_steps": config.lifting_steps,
+            "seed": seed}
     sweep, models = residual.sweep_spans(model, states, splits.val, grid, log=log.info)
     rows = []
     for row in residual.select(sweep):  # chosen on validation; test only scores the choice
@@ -138,14 +146,20 @@ def summary_table(summary: list[dict]) -> list[str]:
              "| replaced | method | test | drop vs original | val | settings (per seed) |",
              "|---:|---|---:|---:|---:|---|"]
     for s in summary:
-        settings = "; ".join(
-            f"delays={x['n_delays']}, rank={x['rank']}, tik={x['tikhonov']}"
-            if "DMD" in s["method"] else (f"λ={x['ridge']}" if x["ridge"] else "-")
-            for x in s["settings"])
+        settings = "; ".join(_settings(s["method"], x) for x in s["settings"])
         lines.append(f"| {s['span']} | {s['method']} | {s['test_mean']:.2f} ± "
                      f"{s['test_sd']:.2f} | {s['drop_mean']:+.2f} ± {s['drop_sd']:.2f} | "
                      f"{s['val_mean']:.2f} ± {s['val_sd']:.2f} | {settings} |")
     return lines
+
+
+def _settings(method: str, x: dict) -> str:
+    if method == "learned lifting":
+        return (f"ψ: {x['lifting_ratio']}W features ({x['nonlinear_macs'] / x['block_macs']:.2f}"
+                f" block), tik={x['tikhonov']}")
+    if "DMD" in method:
+        return f"delays={x['n_delays']}, rank={x['rank']}, tik={x['tikhonov']}"
+    return f"λ={x['ridge']}" if x["ridge"] else "-"
 
 
 def mean_sd(values) -> tuple[float, float]:
@@ -170,8 +184,8 @@ def summarize(results: dict, methods=METHODS) -> list[dict]:
             out.append({"span": span, "method": method, "test_mean": test[0],
                         "test_sd": test[1], "val_mean": val[0], "val_sd": val[1],
                         "drop_mean": drop[0], "drop_sd": drop[1], "n_seeds": len(rows),
-                        "settings": [{k: r[k] for k in ("seed", "n_delays", "rank",
-                                                        "tikhonov", "ridge")} for r in rows]})
+                        "settings": [{k: r[k] for k in _SETTING_KEYS if k in r}
+                                     for r in rows]})
     return out
 
 
