@@ -39,10 +39,10 @@ _cache = Path(os.environ["KOOPNET_FAULT_CACHE"])
 _real = _protocols.run_experiment
 
 
-def _replayed(config, *, progress=True):
+def _replayed(config, *, progress=True, **kwargs):
     if _cache.is_file():
         return pickle.loads(_cache.read_bytes())
-    out = _real(config, progress=progress)
+    out = _real(config, progress=progress, **kwargs)
     _cache.write_bytes(pickle.dumps(out))
     return out
 
