@@ -92,10 +92,10 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"{meta['repeats']} interleaved passes)", "",
              "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_depth.py`. Random weights "
              "(speed does not depend on them); hybrids without delays (k last blocks -> one "
-             "linear map). Read the batch-8 rows: at batch 256 the forward passes on this "
-             "sandbox are bimodal (fresh pages for intermediate tensors cost more than the "
-             "arithmetic; fastest and median ratios disagree), so those rows do not measure "
-             "the models.", "",
+             "linear map); 'learned lifting': psi (one block's multiply-adds) then one map. "
+             "Where the fastest and the median ratio disagree, the row does not measure the "
+             "models: batch-256 passes on this sandbox have been bimodal in some runs (fresh "
+             "pages for intermediate tensors cost more than the arithmetic).", "",
              "| model | batch | replaced | view | original (ms) | hybrid (ms) | speed-up | "
              "speed-up (medians) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
