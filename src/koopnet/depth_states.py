@@ -51,13 +51,7 @@ def resolve_blocks(model, blocks) -> list[str]:
             raise TypeError(f"blocks must hold module names (strings); got {name!r}.")
         if name in modules and name:
             continue
-        target = _attribute(model, name)
-        if target is not None:
-            raise TypeError(f"block '{name}' is a {type(target).__name__}, not an nn.Module; "
-                            "blocks must name submodules (see model.named_modules()).")
-        shown = ", ".join(repr(v) for v in valid[:6]) + (", ..." if len(valid) > 6 else "")
-        raise ValueError(f"block '{name}' is not a submodule of the model; valid names include "
-                         f"{shown or 'none (the model has no submodules)'}.")
+        raise not_a_submodule(model, name, "block", valid)
     repeated = sorted({name for name in blocks if blocks.count(name) > 1})
     if repeated:
         raise ValueError(f"blocks names {repeated[0]!r} more than once; name each block once, "
@@ -71,6 +65,18 @@ def resolve_blocks(model, blocks) -> list[str]:
                              "others running it; give each position its own module "
                              "(copy.deepcopy) or name a span without it.")
     return list(blocks)
+
+
+def not_a_submodule(model: nn.Module, name: str, role: str, valid: list[str]) -> Exception:
+    """The error for a ``role`` ("block", "target") that names no submodule: what the name
+    reaches instead, or a few valid names. One wording for every entry point."""
+    found = _attribute(model, name)
+    if found is not None:
+        return TypeError(f"{role} '{name}' is a {type(found).__name__}, not an nn.Module; name "
+                         "a submodule (see model.named_modules()).")
+    shown = ", ".join(repr(v) for v in valid[:6]) + (", ..." if len(valid) > 6 else "")
+    return ValueError(f"{role} '{name}' is not a submodule of the model; valid names include "
+                      f"{shown or 'none (the model has no submodules)'}.")
 
 
 def _attribute(model: nn.Module, name: str):

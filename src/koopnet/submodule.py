@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from koopnet._checks import check_finite
-from koopnet.depth_states import check_data
+from koopnet.depth_states import check_data, not_a_submodule
 from koopnet.dmd import DMD
 from koopnet.hybrid import KoopmanHybrid
 from koopnet.models import ACTIVATIONS, TrainConfig, model_device, model_dtype
@@ -68,15 +68,7 @@ def resolve_target(model, target) -> str:
                          "has no submodules; wrap the module to scale in a model.")
     if target in modules:
         return target
-    found = model
-    for part in target.split("."):
-        found = getattr(found, part, None)
-    if found is not None:
-        raise TypeError(f"target '{target}' is a {type(found).__name__}, not an nn.Module; "
-                        "name a submodule (see model.named_modules()).")
-    shown = ", ".join(repr(v) for v in valid[:6]) + (", ..." if len(valid) > 6 else "")
-    raise ValueError(f"target '{target}' is not a submodule of the model; valid names include "
-                     f"{shown or 'none (the model has no submodules)'}.")
+    raise not_a_submodule(model, target, "target", valid)
 
 
 @dataclass

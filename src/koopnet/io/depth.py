@@ -29,7 +29,7 @@ from koopnet.dmd import DMD
 from koopnet.io.artifacts import ArtifactError, file_sha256, load_artifact, save_artifact
 from koopnet.io.observables import observable_entry, restore_observable
 from koopnet.io.serialize import module_spec, read_safetensors
-from koopnet.io.sources import _read_array
+from koopnet.io.sources import read_array, read_data_file
 from koopnet.observables import TimeDelay
 
 __all__ = ["build_model", "import_factory", "load_depth_files", "load_depth_hybrid",
@@ -128,24 +128,15 @@ def read_inputs(data, labels=None) -> tuple[torch.Tensor, torch.Tensor | None, d
     path = Path(data)
     if not path.is_file():
         raise FileNotFoundError(f"data file '{path}' does not exist.")
-    if path.suffix == ".safetensors":
-        tensors = read_safetensors(path)
-        if "X" not in tensors:
-            raise ArtifactError(f"'{path}' has no tensor 'X' (it holds {sorted(tensors)}); "
-                                "store the inputs as 'X' [n, ...] and labels as 'y' [n].")
-        X, y = tensors["X"], tensors.get("y")
-    elif path.suffix == ".npy":
-        X, y = _read_array(path, "data"), None
-    else:
-        raise ValueError(f"data file '{path}' must be X.npy or a .safetensors file with tensors "
-                         "'X' (and 'y').")
+    X, y = read_data_file(path, f"data file '{path}' must be X.npy or a .safetensors file "
+                          "with tensors 'X' (and 'y').")
     record = {"source": str(path.resolve()), "labels": None,
               "sha256": {"data": file_sha256(path)}}
     if X.ndim < 1 or len(X) < 2:
         raise ValueError(f"data '{path.name}' has shape {list(X.shape)}; pass at least 2 "
                          "samples along the first dimension, shaped as the model takes them.")
     if labels is not None:
-        y = _read_array(Path(labels), "labels")
+        y = read_array(Path(labels), "labels")
         record["labels"] = str(Path(labels).resolve())
         record["sha256"]["labels"] = file_sha256(labels)
     if y is not None:

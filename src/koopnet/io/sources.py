@@ -36,7 +36,7 @@ def _named_splits(source: str, data_dir: str | None, seed: int,
     return {"train": splits.train, "val": splits.val, "test": splits.test}
 
 
-def _read_array(path: Path, what: str) -> torch.Tensor:
+def read_array(path: Path, what: str) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file '{path}' does not exist.")
     if path.suffix == ".npy":
@@ -58,6 +58,22 @@ def _read_array(path: Path, what: str) -> torch.Tensor:
             raise ArtifactError(f"'{path}' has dtype {array.dtype}; save numbers.")
         return torch.from_numpy(np.ascontiguousarray(array))
     raise ValueError(f"{what} file '{path}' must be a .npy file.")
+
+
+def read_data_file(path: Path, unknown: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs (and labels) of ``X.npy`` or a ``.safetensors`` file holding ``X`` (and ``y``);
+    ``unknown`` is the message for any other kind of file. Shapes as stored."""
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"data file '{path}' does not exist.")
+        tensors = read_safetensors(path)
+        if "X" not in tensors:
+            raise ArtifactError(f"'{path}' has no tensor 'X' (it holds {sorted(tensors)}); "
+                                "store inputs as 'X' [n, ...] and labels as 'y' [n].")
+        return tensors["X"], tensors.get("y")
+    if path.suffix == ".npy":
+        return read_array(path, "data"), None
+    raise ValueError(unknown)
 
 
 def load_data(source: str, *, labels: str | None = None, data_dir: str | None = None,
@@ -89,25 +105,14 @@ def load_data(source: str, *, labels: str | None = None, data_dir: str | None = 
             record["n_val"] = len(splits["val"])
         return {k: (v.X, v.y) for k, v in splits.items()}, record
     path = Path(source)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise FileNotFoundError(f"data file '{path}' does not exist.")
-        tensors = read_safetensors(path)
-        if "X" not in tensors:
-            raise ArtifactError(f"'{path}' has no tensor 'X' (it holds {sorted(tensors)}); "
-                                "store inputs as 'X' [n, features] and labels as 'y' [n].")
-        X, y = tensors["X"], tensors.get("y")
-    elif path.suffix == ".npy":
-        X, y = _read_array(path, "data"), None
-    else:
-        raise ValueError(f"unknown data source '{source}': use yinyang, yinyang3, mnist, "
-                         "idx:PATH, a .npy file or a .safetensors file with tensors 'X' "
-                         "(and 'y').")
+    X, y = read_data_file(path, f"unknown data source '{source}': use yinyang, yinyang3, "
+                          "mnist, idx:PATH, a .npy file or a .safetensors file with tensors "
+                          "'X' (and 'y').")
     record["source"] = str(path.resolve())
     record["sha256"]["data"] = file_sha256(path)
     if labels is not None:
         labels_path = Path(labels)
-        y = _read_array(labels_path, "labels")
+        y = read_array(labels_path, "labels")
         record["labels"] = str(labels_path.resolve())
         record["sha256"]["labels"] = file_sha256(labels_path)
     X, y = check_inputs(X, y, name=f"data '{path.name}'")
