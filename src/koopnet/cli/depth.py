@@ -72,12 +72,17 @@ def _with_cwd_importable() -> None:
         sys.path.append(os.getcwd())
 
 
-def cmd_depth_fit(args: argparse.Namespace) -> int:
-    """Fit a depth hybrid of the named network on ``--data`` -> ``OUT/depth_hybrid.*``."""
-    with contextlib.redirect_stdout(sys.stderr):  # the user's prints: stdout is our JSON line
-        line = _depth_fit(args)
+def _one_json_line(body, args: argparse.Namespace) -> int:
+    """Run ``body(args)`` with the user's prints sent to stderr; stdout gets one JSON line."""
+    with contextlib.redirect_stdout(sys.stderr):
+        line = body(args)
     print(json.dumps(line))
     return 0
+
+
+def cmd_depth_fit(args: argparse.Namespace) -> int:
+    """Fit a depth hybrid of the named network on ``--data`` -> ``OUT/depth_hybrid.*``."""
+    return _one_json_line(_depth_fit, args)
 
 
 def _depth_fit(args: argparse.Namespace) -> dict:
@@ -147,10 +152,7 @@ def _metrics(original: torch.Tensor, hybrid: torch.Tensor, y: torch.Tensor | Non
 
 def cmd_depth_evaluate(args: argparse.Namespace) -> int:
     """Score the original network and its depth hybrid on ``--data`` -> results.json."""
-    with contextlib.redirect_stdout(sys.stderr):  # the user's prints: stdout is our JSON line
-        line = _depth_evaluate(args)
-    print(json.dumps(line))
-    return 0
+    return _one_json_line(_depth_evaluate, args)
 
 
 def _depth_evaluate(args: argparse.Namespace) -> dict:
