@@ -212,21 +212,31 @@ FIT_CASES = {
 }
 
 
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+
+
+def _one_line_error(args: list[str], pattern: str, capsys) -> str:
+    """The command exits 2 with one stderr line matching ``pattern``; returns the line."""
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("koopnet: error:"), err
+    assert re.search(pattern, err), err
+    return err
+
+
 @pytest.mark.parametrize("case", FIT_CASES, ids=list(FIT_CASES))
 def test_fit_bad_input_is_one_line(case, files, tmp_path, capsys):
     extra, pattern = FIT_CASES[case]
     extra = [e(files, tmp_path) if callable(e) else e for e in extra]
     args = _fit_args(files, tmp_path / "out")
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("koopnet: error:"), err
-    assert re.search(pattern, err), err
+        _set_flag(args, flag, value)
+    err = _one_line_error(args, pattern, capsys)
     assert not re.search(INTERNAL, err), err
     assert not (tmp_path / "out").exists()
 
@@ -259,15 +269,8 @@ def test_evaluate_bad_input_is_one_line(extra, pattern, files, fitted, tmp_path,
     names = {"X7": str(tmp_path / "X7.npy"), "short": str(tmp_path / "short.npy")}
     args = ["--quiet", "depth-evaluate", str(fitted), "--data", files["X"], "--out",
             str(tmp_path / "eval")]
-    flag, value = extra[0], names.get(extra[1], extra[1])
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
-    capsys.readouterr()
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and re.search(pattern, err), err
+    _set_flag(args, extra[0], names.get(extra[1], extra[1]))
+    _one_line_error(args, pattern, capsys)
 
 
 def test_console_script_imports_from_the_current_folder_logs_to_stderr(files, tmp_path):
