@@ -42,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     **{name: ("koopnet.io.serialize", name)
        for name in ("save_model", "load_model", "load_model_files", "save_scaled", "load_scaled",
                     "save_hybrid", "load_hybrid")},
+    **{name: ("koopnet.io.depth", name) for name in ("save_depth_hybrid", "load_depth_hybrid")},
     "ArtifactError": ("koopnet.io.artifacts", "ArtifactError"),
     "NotFittedError": ("koopnet._checks", "NotFittedError"),
 }
@@ -49,12 +50,12 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 __all__ = [  # spelled out so linters see it; a test checks it equals _EXPORTS
     "DMD", "ArtifactError", "DataSplits", "DepthHybrid", "FitSpec", "KoopmanHybrid",
     "KoopmanTarget", "LearnedObservable", "NotFittedError", "ScaledMLP", "ScaledModel",
-    "ScalingSpec", "Split",
-    "TimeDelay", "TrainConfig", "Trajectories", "__version__", "abs_below", "accuracy",
-    "build_mlp", "collect_trajectories", "edit_modes", "fit_hybrid", "forget_class",
-    "idx_splits", "linearize", "linearize_depth", "load_hybrid", "load_model", "load_model_files",
-    "load_scaled", "make_yinyang", "mode_attribution", "near_frequency", "save_hybrid",
-    "save_model", "save_scaled", "scale_layer", "train_classifier", "yinyang_splits",
+    "ScalingSpec", "Split", "TimeDelay", "TrainConfig", "Trajectories", "__version__", "abs_below",
+    "accuracy", "build_mlp", "collect_trajectories", "edit_modes", "fit_hybrid", "forget_class",
+    "idx_splits", "linearize", "linearize_depth", "load_depth_hybrid", "load_hybrid", "load_model",
+    "load_model_files", "load_scaled", "make_yinyang", "mode_attribution", "near_frequency",
+    "save_depth_hybrid", "save_hybrid", "save_model", "save_scaled", "scale_layer",
+    "train_classifier", "yinyang_splits",
 ]
 
 if TYPE_CHECKING:  # static analysers see the real objects
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # static analysers see the real objects
     from koopnet.hybrid import KoopmanHybrid
     from koopnet.io.artifacts import ArtifactError
     from koopnet.io.datasets import DataSplits, Split, idx_splits, make_yinyang, yinyang_splits
+    from koopnet.io.depth import load_depth_hybrid, save_depth_hybrid
     from koopnet.io.serialize import (
         load_hybrid,
         load_model,
