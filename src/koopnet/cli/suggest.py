@@ -4,8 +4,8 @@ The scores (:mod:`koopnet.lab.predict`) need one pass of trajectories of each sc
 training and validation inputs; no hybrid is built or evaluated. The proposal is the cell with
 the most linear steps (smallest h) whose score is under a threshold, and the threshold comes
 from a calibration: cells of earlier runs whose drop was measured (``--calibration FILE``, e.g.
-benchmarks/results/predict_drop.json), or the built-in one of clean Yin-Yang
-(:data:`koopnet.lab.predict.BUILTIN_CALIBRATION`). The output names the calibration it used.
+benchmarks/results/predict_drop.json), or the built-in one of clean Yin-Yang for the score
+(:data:`koopnet.lab.predict.BUILTIN_CALIBRATIONS`). The output names the calibration it used.
 
 Inputs: scale folders (``koopnet scale``, one per layer, all of the same trained model), or a
 clean-protocol ``koopnet reproduce`` folder, whose scaled networks are rebuilt from its recorded
@@ -25,7 +25,7 @@ import torch
 
 from koopnet.io.serialize import load_with_meta
 from koopnet.io.sources import reload_data
-from koopnet.lab.predict import BUILTIN_CALIBRATION, SCORES, calibrated_threshold, layer_cells
+from koopnet.lab.predict import BUILTIN_CALIBRATIONS, SCORES, calibrated_threshold, layer_cells
 from koopnet.lab.predict import suggest as pick_cell
 from koopnet.trajectories import collect_trajectories
 
@@ -62,7 +62,7 @@ def _scale_layer_states(folder: Path, max_samples: int) -> tuple[dict, dict]:
         train, val = splits["train"][0], splits["val"][0]
     else:
         train, val = _file_splits(splits["data"][0])
-    entry = {"layer": scaled.layer, "out_width": scaled.out_width,
+    entry = {"layer": scaled.layer, "out_width": scaled.out_width, "tail": scaled.tail,
              "train": collect_trajectories(scaled, train[:max_samples]).states,
              "val": collect_trajectories(scaled, val[:max_samples]).states}
     return entry, {"folder": str(folder.resolve()), "layer": scaled.layer,
@@ -134,7 +134,7 @@ def _reproduce_states(folder: Path, max_samples: int, progress: bool):
             log.warning("the scaling of layer %d failed; it is left out of the proposal", layer)
             failed.append(layer)
             continue
-        entries.append({"layer": layer, "out_width": scaled.out_width,
+        entries.append({"layer": layer, "out_width": scaled.out_width, "tail": scaled.tail,
                         "train": collect_trajectories(
                             scaled, data.trajectories.X[:max_samples]).states,
                         "val": collect_trajectories(scaled, data.val.X[:max_samples]).states})
@@ -187,14 +187,15 @@ def suggest_folders(folders, *, tolerance: float = 0.5, calibration: dict | None
                          "(e.g. 0.5).")
     if max_samples < 1:
         raise ValueError(f"--max-samples {max_samples} must be >= 1.")
-    threshold, record = calibrated_threshold(calibration or BUILTIN_CALIBRATION, score,
-                                             tolerance / 100)
+    builtin = BUILTIN_CALIBRATIONS.get(score, BUILTIN_CALIBRATIONS["residual"])
+    threshold, record = calibrated_threshold(calibration or builtin, score, tolerance / 100)
     entries, sources, results = _load_entries([Path(f) for f in folders], max_samples,
                                               progress)
     cells = []
     for entry in entries:
         cells += layer_cells(entry["train"], entry["val"], entry["layer"],
-                             out_width=entry["out_width"])
+                             out_width=entry["out_width"],  # flip needs the tail's Jacobian
+                             tail=entry["tail"] if score == "flip" else None)
     pick = pick_cell(cells, score, threshold)
     within = pick[score] <= threshold
     if not within:
@@ -207,7 +208,7 @@ def suggest_folders(folders, *, tolerance: float = 0.5, calibration: dict | None
     if validated is not None:
         out["run_validated"] = validated
     out["sources"] = sources
-    out["cells"] = [{k: c[k] for k in ("layer", "h", *SCORES)} for c in cells]
+    out["cells"] = [{k: c[k] for k in ("layer", "h", *SCORES) if k in c} for c in cells]
     return _json_safe(out)
 
 
@@ -272,7 +273,8 @@ def add_suggest_parser(sub) -> argparse.ArgumentParser:
                         help="JSON with cells of scores and measured drops (default: the "
                              "built-in clean Yin-Yang calibration)")
     parser.add_argument("--score", default="residual", choices=SCORES,
-                        help="which closed-form score to threshold (default residual)")
+                        help="which closed-form score to threshold (default residual; flip: "
+                             "predicted decision flips, ranks drops best, slower)")
     parser.add_argument("--max-samples", type=int, default=5000,
                         help="trajectories per split that are scored (default 5000)")
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)

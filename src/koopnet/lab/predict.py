@@ -16,19 +16,27 @@ Three scores, each "higher = worse" so all should correlate positively with the 
 - ``residual``: relative one-step residual ||Y - X K^T|| / ||Y|| of the DMD on val pairs.
 - ``rollout``: relative error of the DMD's (T-1-h)-step prediction of s_{T-1} on val: what
   the hybrid actually computes before the tail.
+- ``flip``: the roll-out error e matters only through the rest of the network, so it is carried
+  to the logits to first order, J(s_{T-1}) e (the tail's Jacobian, by autograd on the trajectory
+  pass): the share of val samples whose first-order logits change their top class, the least
+  over the fits a sweep tries (:func:`sweep_fits`). A prediction, not a measurement: the tail is
+  never run on the roll-out, and no labels are used. It needs the tail, so :func:`layer_cells`
+  computes it only when given one.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from koopnet._checks import as_tensor, check_float, check_int
 from koopnet.dmd import DMD
+from koopnet.lab.recipes import ExperimentConfig
 from koopnet.observables import TimeDelay, snapshot_pairs
 
-SCORES = ("unexplained", "residual", "rollout")
+SCORES = ("unexplained", "residual", "rollout", "flip")
 
 #: The threshold ``koopnet suggest`` uses without a calibration file: per tolerance (a fraction
 #: of accuracy), :func:`calibrate` of the held-out one-step residual over the 99 (layer, h)
@@ -42,6 +50,8 @@ BUILTIN_CALIBRATION = {
                    0.01: 0.005990685371268233, 0.02: 0.005990685371268233,
                    0.05: 0.009306130520229638},
 }
+#: The built-in calibration of each score that has one (``koopnet suggest --score``).
+BUILTIN_CALIBRATIONS = {"residual": BUILTIN_CALIBRATION}
 
 
 def _check_states(train_states, val_states, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +84,13 @@ def _r2(train_g, train_y, val_g, val_y) -> float:
     return 1.0 - sse / sst
 
 
+def _fit(train: torch.Tensor, h: int, constant: bool, tikhonov: float, rank=None):
+    """The delay observable and the DMD of the lifted train pairs (as the hybrid fits them)."""
+    observable = TimeDelay(h, constant=constant).fit(train)
+    dmd = DMD(rank=rank, tikhonov=tikhonov, exact_rollout=True).fit(observable.transform(train))
+    return observable, dmd
+
+
 def drop_scores(train_states, val_states, h: int, *, constant: bool = True,
                 tikhonov: float = 1e-6, out_width: int | None = None) -> dict[str, float]:
     """Closed-form scores of delay h (no hybrid is built or evaluated).
@@ -87,17 +104,112 @@ def drop_scores(train_states, val_states, h: int, *, constant: bool = True,
     train, val = _check_states(train_states, val_states, h)
     n_steps, width = train.shape[1] - 1 - h, train.shape[2]
     out = width if out_width is None else check_int(out_width, "out_width", low=1, high=width)
-    observable = TimeDelay(h, constant=constant).fit(train)
+    observable, dmd = _fit(train, h, constant, tikhonov)
     lifted_train = observable.transform(train)  # [B, T-h, D]
     lifted_val = observable.transform(val)  # [B', T-h, D]
     target_train, target_val = train[:, -1, :out], val[:, -1, :out]  # [B, out], [B', out]
     r2 = _r2(lifted_train[:, 0], target_train, lifted_val[:, 0], target_val)
-    dmd = DMD(rank=None, tikhonov=tikhonov, exact_rollout=True).fit(lifted_train)
     X, Y = snapshot_pairs(lifted_val)  # [B'(T-h-1), D] each
     residual = _relative(Y - X @ dmd.transition(1).T, Y)
     step = dmd.transition(n_steps, observable.readout(width))[:out]  # [out, D]
     rollout = _relative(lifted_val[:, 0] @ step.T - target_val, target_val)
     return {"r2": r2, "unexplained": 1.0 - r2, "residual": residual, "rollout": rollout}
+
+
+def rollout_errors(train_states, val_states, h: int, *, constant: bool = True,
+                   tikhonov: float = 1e-6, rank=None, out_width: int | None = None):
+    """Held-out last states s_{T-1} and the error e = s_hat - s_{T-1} of the DMD roll-out from s_h.
+
+    What the hybrid feeds its tail, minus what the network feeds it, computed from trajectories
+    alone. Shape: train_states [B, T, W], val_states [B', T, W] -> (target, error), each [B', out].
+    """
+    h = check_int(h, "h", low=0)
+    tikhonov = check_float(tikhonov, "tikhonov", low=0.0)
+    train, val = _check_states(train_states, val_states, h)
+    n_steps, width = train.shape[1] - 1 - h, train.shape[2]
+    out = width if out_width is None else check_int(out_width, "out_width", low=1, high=width)
+    observable, dmd = _fit(train, h, constant, tikhonov, rank)
+    step = dmd.transition(n_steps, observable.readout(width))[:out]  # [out, D]
+    target = val[:, -1, :out]  # [B', out]
+    return target, observable.transform(val)[:, 0] @ step.T - target  # [B', out] each
+
+
+def _jacobian_product(tail: torch.nn.Module, target: torch.Tensor, error: torch.Tensor):
+    """tail(s) and J(s) e per sample, by one backward pass per class (the samples of an eval-mode
+    tail do not interact). Shape: target [B, w], error [B, w] -> (logits, change), each [B, C]."""
+    tail = copy.deepcopy(tail).to(torch.float64).eval().requires_grad_(False)
+    state = target.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = tail(state)  # [B, C]
+        rows = [torch.autograd.grad(logits[:, c].sum(), state, retain_graph=True)[0]
+                for c in range(logits.shape[1])]  # C x [B, w]
+    change = torch.stack([(row * error).sum(1) for row in rows], dim=1)  # [B, C]
+    return logits.detach(), change
+
+
+def first_order_flips(tail: torch.nn.Module, target, error) -> dict[str, float]:
+    """Decisions of ``tail`` that a first-order change of its input ``target`` by ``error`` flips.
+
+    The logits z = tail(s) move by J(s) e to first order (autograd in float64, one backward pass
+    per class; ``tail(s + e)`` is never evaluated: that would be the hybrid). With k the top class,
+    the change closes the fraction r_c = (dz_c - dz_k) / (z_k - z_c) of the margin to class c;
+    a decision flips when some r_c > 1. Returns ``flip`` (the fraction of samples that flip) and
+    ``margin`` (the mean of max_c r_c clipped to [0, 1]: near-flips count in part).
+    Shape: target [B, w], error [B, w] -> floats.
+    """
+    target = as_tensor(target, "target", ndim=2, dtype=torch.float64)
+    error = as_tensor(error, "error", ndim=2, dtype=torch.float64)
+    if target.shape != error.shape:
+        raise ValueError(f"target has shape {tuple(target.shape)} and error "
+                         f"{tuple(error.shape)}; pass one error per target state.")
+    logits, change = _jacobian_product(tail, target, error)  # [B, C] each
+    top = logits.argmax(1, keepdim=True)  # [B, 1]
+    flip = (logits + change).argmax(1, keepdim=True) != top  # [B, 1]
+    margin = logits.gather(1, top) - logits  # [B, C], 0 at the top class
+    closing = change - change.gather(1, top)  # [B, C]
+    ratio = torch.where(margin > 0, closing / margin.clamp_min(torch.finfo(margin.dtype).tiny),
+                        torch.zeros_like(margin))  # [B, C]
+    worst = ratio.max(1).values.clamp(0.0, 1.0)  # [B]
+    return {"flip": float(flip.double().mean()), "margin": float(worst.mean())}
+
+
+def sweep_fits(config=None) -> list[dict]:
+    """The DMD fits (rank, constant, tikhonov) a sweep of ``config`` tries for each h.
+
+    Default: the grid of :class:`koopnet.lab.recipes.ExperimentConfig`. :func:`flip_score` takes
+    the best of them, as the sweep takes the best hybrid among them.
+    """
+    config = ExperimentConfig() if config is None else config
+    return [{"rank": rank, "constant": constant, "tikhonov": tikhonov}
+            for rank in config.ranks for constant in config.constants
+            for tikhonov in config.tikhonovs]
+
+
+def flip_score(train_states, val_states, h: int, tail: torch.nn.Module, *, fits=None,
+               out_width: int | None = None) -> dict[str, float]:
+    """Predicted share of held-out decisions the hybrid of delay h changes, best of ``fits``.
+
+    For each fit: :func:`rollout_errors` on val, then :func:`first_order_flips` of the tail (the
+    rest of the scaled network after s_{T-1}). ``fits``: dicts of rank, constant and tikhonov
+    (default :func:`sweep_fits`); a fit the data cannot support (a rank too large) is skipped,
+    as the sweep skips it. Returns ``flip`` and ``flip_margin``, each the minimum over the fits.
+    Shape: train_states [B, T, W], val_states [B', T, W].
+    """
+    train = as_tensor(train_states, "train_states", ndim=3)
+    n_pairs = train.shape[0] * (train.shape[1] - 1 - h)
+    scores = []
+    for fit in sweep_fits() if fits is None else fits:
+        rank, n_features = fit["rank"], train.shape[2] * (h + 1) + fit["constant"]
+        if isinstance(rank, int) and not isinstance(rank, bool) and rank > min(n_pairs,
+                                                                               n_features):
+            continue
+        target, error = rollout_errors(train_states, val_states, h, out_width=out_width, **fit)
+        scores.append(first_order_flips(tail, target, error))
+    if not scores:
+        raise ValueError(f"no fit of h={h} is possible: every rank in fits exceeds the data's "
+                         f"min(pairs, features); pass smaller ranks.")
+    return {"flip": min(s["flip"] for s in scores),
+            "flip_margin": min(s["margin"] for s in scores)}
 
 
 def _ranks(values: list[float]) -> list[float]:
@@ -167,17 +279,22 @@ def calibrate(cells: list[dict], score: str, tolerance: float) -> float:
 
 
 def layer_cells(train_states, val_states, layer: int, *, delays=None,
-                out_width: int | None = None, **options) -> list[dict]:
+                out_width: int | None = None, tail: torch.nn.Module | None = None, fits=None,
+                **options) -> list[dict]:
     """:func:`drop_scores` of every delay h of one scaled layer, one cell per h.
 
     ``delays``: the h to score (default every h with at least one linear step). ``options`` go
-    to :func:`drop_scores`. Shape: train_states [B, T, W], val_states [B', T, W].
+    to :func:`drop_scores`. With ``tail`` (the scaled network after s_{T-1}), each cell also
+    gets :func:`flip_score` over ``fits``. Shape: train_states [B, T, W], val_states [B', T, W].
     """
     n_states = as_tensor(train_states, "train_states", ndim=3).shape[1]
     delays = range(n_states - 1) if delays is None else delays
     cells = []
     for h in delays:
         scores = drop_scores(train_states, val_states, h, out_width=out_width, **options)
+        if tail is not None:
+            scores |= flip_score(train_states, val_states, h, tail, fits=fits,
+                                 out_width=out_width)
         cells.append({"layer": layer, "h": h, "linear_steps": n_states - 1 - h, **scores})
     return cells
 
