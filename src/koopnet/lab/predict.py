@@ -50,8 +50,16 @@ BUILTIN_CALIBRATION = {
                    0.01: 0.005990685371268233, 0.02: 0.005990685371268233,
                    0.05: 0.009306130520229638},
 }
+#: The same for the predicted flip share: :func:`calibrate` of ``flip`` over the same 99 cells
+#: (``builtin_thresholds`` of benchmarks/results/predict_drop.json, cells of commit 9860082).
+BUILTIN_FLIP_CALIBRATION = {
+    "score": "flip",
+    "source": "built-in: clean Yin-Yang seeds 0-2, 99 cells of benchmarks/predict_drop.py "
+              "(commit 9860082)",
+    "thresholds": {0.0025: 0.0025, 0.005: 0.0065, 0.01: 0.013, 0.02: 0.0185, 0.05: 0.0205},
+}
 #: The built-in calibration of each score that has one (``koopnet suggest --score``).
-BUILTIN_CALIBRATIONS = {"residual": BUILTIN_CALIBRATION}
+BUILTIN_CALIBRATIONS = {"residual": BUILTIN_CALIBRATION, "flip": BUILTIN_FLIP_CALIBRATION}
 
 
 def _check_states(train_states, val_states, h: int) -> tuple[torch.Tensor, torch.Tensor]:
