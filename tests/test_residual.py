@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -100,3 +101,24 @@ def test_exactly_linear_blocks_give_exact_replacements():
                                    msg=f"{row['method']} span {row['span']}")
         assert row["val_accuracy"] == 1.0
     assert isinstance(rebuild(model, states, rows[1]).blocks[3], AffineMap)
+
+
+def _run(seeds, **config):
+    return {"kind": "depth", "schema": 1, "experiment": "resmlp-mnist", "architecture": {},
+            "config": {"seeds": seeds, "width": 8, **config},
+            "original": [{"seed": s, "test_accuracy": 0.9} for s in seeds],
+            **{key: [{"seed": s, "key": key} for s in seeds]
+               for key in ("rows", "profile", "sweep")},
+            "environment": {"seconds": 1.0}, "summary": []}
+
+
+def test_merge_depth_results_concatenates_disjoint_seeds_in_seed_order():
+    merged = residual_run.merge_depth_results([_run([1]), _run([0, 2])])
+    assert merged["config"]["seeds"] == [0, 1, 2]
+    for key in ("original", "rows", "profile", "sweep"):
+        assert [r["seed"] for r in merged[key]] == [0, 2, 1]  # run order: by first seed
+    assert len(merged["environment"]["runs"]) == 2 and "summary" not in merged
+    with pytest.raises(ValueError, match=r"runs share seeds \[1\]"):
+        residual_run.merge_depth_results([_run([1]), _run([1, 2])])
+    with pytest.raises(ValueError, match=r"runs differ in config \['width'\]"):
+        residual_run.merge_depth_results([_run([0]), _run([1], width=16)])

@@ -140,6 +140,36 @@ def depth_results(experiment: str, config, architecture: dict, parts: list[dict]
     }
 
 
+def merge_depth_results(runs: list[dict]) -> dict:
+    """One results dictionary from depth runs of disjoint seeds with the same configuration
+    otherwise (seeds run as separate processes); the per-seed lists are concatenated in seed
+    order and the environment keeps each run's. ``summary`` is left to the caller."""
+    if not runs:
+        raise ValueError("merge_depth_results needs at least one run.")
+    seeds = [o["seed"] for run in runs for o in run["original"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"runs share seeds {sorted(s for s in set(seeds) if seeds.count(s) > 1)}"
+                         "; merge runs of disjoint seeds.")
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("experiment", "architecture", "kind", "schema"):
+            if run[key] != first[key]:
+                raise ValueError(f"runs differ in '{key}'; merge runs of one experiment.")
+        differ = sorted(k for k in first["config"] if k != "seeds"
+                        and first["config"][k] != run["config"].get(k))
+        if differ:
+            raise ValueError(f"runs differ in config {differ}; merge runs of one setting.")
+    order = sorted(range(len(runs)), key=lambda i: min(o["seed"] for o in runs[i]["original"]))
+    runs = [runs[i] for i in order]
+    merged = {key: value for key, value in first.items()
+              if key not in ("summary", "acceptance", "environment")}
+    merged["config"] = {**first["config"], "seeds": sorted(seeds)}
+    for key in ("original", "rows", "profile", "sweep"):
+        merged[key] = [r for run in runs for r in run[key]]
+    merged["environment"] = {"runs": [run["environment"] for run in runs]}
+    return merged
+
+
 def summary_table(summary: list[dict]) -> list[str]:
     """The report's accuracy-against-replaced-blocks table (drop > 0: accuracy lost)."""
     lines = ["## Test accuracy (%) against the number of replaced last blocks", "",
