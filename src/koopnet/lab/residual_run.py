@@ -143,7 +143,7 @@ def depth_results(experiment: str, config, architecture: dict, parts: list[dict]
 def merge_depth_results(runs: list[dict]) -> dict:
     """One results dictionary from depth runs of disjoint seeds with the same configuration
     otherwise (seeds run as separate processes); the per-seed lists are concatenated in seed
-    order and the environment keeps each run's. ``summary`` is left to the caller."""
+    order; the environment sums the wall times and keeps each run's. ``summary`` is left to the caller."""
     if not runs:
         raise ValueError("merge_depth_results needs at least one run.")
     seeds = [o["seed"] for run in runs for o in run["original"]]
@@ -166,7 +166,9 @@ def merge_depth_results(runs: list[dict]) -> dict:
     merged["config"] = {**first["config"], "seeds": sorted(seeds)}
     for key in ("original", "rows", "profile", "sweep"):
         merged[key] = [r for run in runs for r in run[key]]
-    merged["environment"] = {"runs": [run["environment"] for run in runs]}
+    merged["environment"] = {**runs[0]["environment"],  # versions and threads of the first
+                             "seconds": sum(run["environment"]["seconds"] for run in runs),
+                             "runs": [run["environment"] for run in runs]}
     return merged
 
 
