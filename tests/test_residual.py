@@ -116,7 +116,7 @@ def test_merge_depth_results_concatenates_disjoint_seeds_in_seed_order():
     merged = residual_run.merge_depth_results([_run([1]), _run([0, 2])])
     assert merged["config"]["seeds"] == [0, 1, 2]
     for key in ("original", "rows", "profile", "sweep"):
-        assert [r["seed"] for r in merged[key]] == [0, 2, 1]  # run order: by first seed
+        assert [r["seed"] for r in merged[key]] == [0, 1, 2]
     assert len(merged["environment"]["runs"]) == 2 and "summary" not in merged
     with pytest.raises(ValueError, match=r"runs share seeds \[1\]"):
         residual_run.merge_depth_results([_run([1]), _run([1, 2])])

@@ -159,13 +159,11 @@ def merge_depth_results(runs: list[dict]) -> dict:
                         and first["config"][k] != run["config"].get(k))
         if differ:
             raise ValueError(f"runs differ in config {differ}; merge runs of one setting.")
-    order = sorted(range(len(runs)), key=lambda i: min(o["seed"] for o in runs[i]["original"]))
-    runs = [runs[i] for i in order]
     merged = {key: value for key, value in first.items()
               if key not in ("summary", "acceptance", "environment")}
     merged["config"] = {**first["config"], "seeds": sorted(seeds)}
-    for key in ("original", "rows", "profile", "sweep"):
-        merged[key] = [r for run in runs for r in run[key]]
+    for key in ("original", "rows", "profile", "sweep"):  # stable: a seed's order is kept
+        merged[key] = sorted((r for run in runs for r in run[key]), key=lambda r: r["seed"])
     merged["environment"] = {**runs[0]["environment"],  # versions and threads of the first
                              "seconds": sum(run["environment"]["seconds"] for run in runs),
                              "runs": [run["environment"] for run in runs]}
