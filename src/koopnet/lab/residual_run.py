@@ -143,7 +143,8 @@ def depth_results(experiment: str, config, architecture: dict, parts: list[dict]
 def merge_depth_results(runs: list[dict]) -> dict:
     """One results dictionary from depth runs of disjoint seeds with the same configuration
     otherwise (seeds run as separate processes); the per-seed lists are concatenated in seed
-    order; the environment sums the wall times and keeps each run's. ``summary`` is left to the caller."""
+    order; the environment sums the wall times and keeps each run's. ``summary`` is left to
+    the caller."""
     if not runs:
         raise ValueError("merge_depth_results needs at least one run.")
     seeds = [o["seed"] for run in runs for o in run["original"]]
