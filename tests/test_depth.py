@@ -272,3 +272,19 @@ def test_device_follows_the_model(yinyang_resmlp):
     assert torch.allclose(hybrid.linear_map.cpu(), on_cpu.linear_map, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(hybrid(X.cuda()).cpu(), on_cpu(X), atol=1e-4)
+
+
+def test_cached_cast_of_the_map_follows_edits_and_dtype(yinyang_resmlp):
+    model, X = yinyang_resmlp
+    hybrid = linearize_depth(model, [f"blocks.{i}" for i in range(len(model.blocks))], X,
+                             n_delays=1)
+    predict = next(m for m in hybrid.modules() if type(m).__name__ == "_Predict")
+    before = hybrid(X[:16])
+    assert torch.equal(hybrid(X[:16]), before)  # the cached cast gives the same logits
+    with torch.no_grad():
+        predict.linear_map.mul_(0.0)  # an in-place edit of the float64 map
+    assert not torch.allclose(hybrid(X[:16]), before)
+    predict.linear_map = torch.zeros_like(predict.linear_map)  # a replaced map
+    zero = hybrid(X[:16])
+    assert hybrid.double()(X[:16].double()).dtype == torch.float64
+    torch.testing.assert_close(zero.double(), hybrid(X[:16].double()), atol=1e-5, rtol=1e-5)

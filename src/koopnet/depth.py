@@ -130,8 +130,20 @@ class _Predict(nn.Module):
             raise ValueError(f"the state has {rows.shape[2]} features per row; this hybrid was "
                              f"fitted on {width} (per_position={self.per_position}).")
         lifted = self.observable.transform(rows)[:, -1]  # [N, D]
-        predicted = lifted @ self.linear_map.to(lifted.dtype).T  # [N, W]
+        predicted = lifted @ self._map_as(lifted.dtype).T  # [N, W]
         return from_rows(predicted, x, self.per_position)
+
+    def _map_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """``linear_map`` cast to ``dtype``, cached: casting a [W, D] map on every call cost
+        more than the product itself at small batches. The cache is keyed on the buffer itself,
+        its version (in-place edits), device and the dtype, so it never goes stale."""
+        source = self.linear_map
+        key = (source._version, source.device, dtype)
+        cached = self.__dict__.get("_cast")  # (source, key, cast); holding source keeps it
+        if cached is None or cached[0] is not source or cached[1] != key:  # from being reused
+            cached = (source, key, source.to(dtype))
+            self.__dict__["_cast"] = cached
+        return cached[2]
 
     def extra_repr(self) -> str:
         return f"n_delays={self.n_delays}, linear_map={list(self.linear_map.shape)}"
