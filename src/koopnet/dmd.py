@@ -178,9 +178,25 @@ class DMD:
         operator = V.T @ projected  # [R, R]
         check_finite(operator, "the DMD operator",
                      " The data overflows float64 arithmetic; rescale the states.")
-        self.basis_, self.singular_values_, self.operator_ = V, s, operator
-        self._projected, self._eig = projected, None
-        self.rank_, (self.n_pairs_, self.n_features_in_) = len(s), shape
+        self.restore(basis=V, singular_values=s, projected=projected, operator=operator,
+                     tikhonov_=self.tikhonov_, n_pairs=shape[0])
+
+    def restore(self, *, basis: torch.Tensor, singular_values: torch.Tensor,
+                projected: torch.Tensor, operator: torch.Tensor, tikhonov_: float,
+                n_pairs: int) -> DMD:
+        """Set the fitted state from its tensors (a fit's end, or a saved DMD loaded without
+        its data); returns self. Shape: basis [D, R], singular_values [R], projected [D, R]
+        (Y^T U S^-1), operator [R, R]."""
+        D, R = basis.shape
+        if singular_values.shape != (R,) or projected.shape != (D, R) or \
+                operator.shape != (R, R):
+            raise ValueError(f"DMD tensors of shapes basis {list(basis.shape)}, singular_values "
+                             f"{list(singular_values.shape)}, projected {list(projected.shape)}"
+                             f", operator {list(operator.shape)} do not fit together.")
+        self.basis_, self.singular_values_, self.operator_ = basis, singular_values, operator
+        self._projected, self._eig, self.tikhonov_ = projected, None, float(tikhonov_)
+        self.rank_, self.n_pairs_, self.n_features_in_ = R, int(n_pairs), D
+        return self
 
     # The eigendecomposition is computed on first access and cached: a general eig of a
     # 2817 x 2817 operator takes ~35 s on 2 cores, while a hyper-parameter sweep only needs

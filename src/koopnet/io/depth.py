@@ -165,15 +165,9 @@ def _restore_dmd(entry: dict, tensors: dict) -> DMD:
         raise ValueError(f"unknown DMD dtype {entry['dtype']!r}")
     dmd = DMD(entry["rank"], tikhonov=entry["tikhonov"], dtype=_DTYPES[entry["dtype"]],
               exact_rollout=bool(entry["exact_rollout"]))
-    for name in _DMD_TENSORS:
-        setattr(dmd, name, tensors[f"dmd.{name.strip('_')}"])
-    D, R = dmd.basis_.shape
-    if dmd.operator_.shape != (R, R) or dmd._projected.shape != (D, R):
-        raise ValueError(f"DMD tensors of shapes {[list(t.shape) for t in tensors.values()]} "
-                         "do not fit together")
-    dmd.tikhonov_, dmd._eig = float(entry["tikhonov_"]), None
-    dmd.rank_, dmd.n_pairs_, dmd.n_features_in_ = R, int(entry["n_pairs"]), D
-    return dmd
+    return dmd.restore(**{name.strip("_"): tensors[f"dmd.{name.strip('_')}"]
+                          for name in _DMD_TENSORS},
+                       tikhonov_=entry["tikhonov_"], n_pairs=entry["n_pairs"])
 
 
 def _rebuild(model: nn.Module, config: dict, tensors: dict) -> DepthHybrid:
