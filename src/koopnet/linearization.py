@@ -348,9 +348,7 @@ def linearize(model: nn.Module, layer: int | None = None, data=None, *,
     check_model(model, X, layer, y)
     n_inserted = check_int(n_inserted, "n_inserted", low=0)
     seed = check_int(seed, "seed")
-    if scaling_config is not None and not isinstance(scaling_config, TrainConfig):
-        raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
-                        f"{type(scaling_config).__name__}.")
+    _check_scaling_config(scaling_config)
     blocks = mlp_blocks(model)
     w, w_out = blocks[layer - 1][0].out_features, blocks[layer][0].out_features
     _check_spec(spec, n_inserted + 2, max(w, w_out), len(X))
@@ -366,6 +364,12 @@ def linearize(model: nn.Module, layer: int | None = None, data=None, *,
     return hybrid
 
 
+def _check_scaling_config(config) -> None:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
+                        f"{type(config).__name__}.")
+
+
 def _linearize_target(model, layer, target, data, spec: FitSpec, *, n_inserted, init, labels,
                       seed, scaling_config, progress) -> nn.Module:
     """``linearize(model, target=...)``: checks, the data-sized recipe, then
@@ -378,9 +382,7 @@ def _linearize_target(model, layer, target, data, spec: FitSpec, *, n_inserted, 
                          "pass no labels.")
     n_inserted = check_int(n_inserted, "n_inserted", low=1)
     seed = check_int(seed, "seed")
-    if scaling_config is not None and not isinstance(scaling_config, TrainConfig):
-        raise TypeError(f"scaling_config must be a koopnet.TrainConfig; got "
-                        f"{type(scaling_config).__name__}.")
+    _check_scaling_config(scaling_config)
     pairs = capture_target(model, target, data)
     _check_spec(spec, n_inserted + 1, pairs.width, pairs.n_positions,
                 fix="insert more blocks (n_inserted >= n_delays + 1)")
