@@ -84,6 +84,10 @@ class Split:
     def subset(self, index) -> Split:
         return Split(self.X[index], self.y[index])
 
+    def to(self, device: torch.device | str) -> Split:
+        """The split with inputs and labels on ``device`` (the data follows the model)."""
+        return Split(self.X.to(device), self.y.to(device))
+
 
 @dataclass
 class DataSplits:

@@ -121,8 +121,7 @@ def _paper_idx_data(config: ExperimentConfig, root, name: str) -> ProtocolData:
 
 def data_on(data: ProtocolData, device: torch.device) -> ProtocolData:
     """Every split of ``data`` on ``device`` (the data follows the model)."""
-    moved = {f.name: Split(value.X.to(device), value.y.to(device))
-             for f in dataclasses.fields(data)
+    moved = {f.name: value.to(device) for f in dataclasses.fields(data)
              if isinstance(value := getattr(data, f.name), Split)}
     return dataclasses.replace(data, **moved)
 

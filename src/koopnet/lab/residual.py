@@ -194,17 +194,24 @@ def _lifting(states, h, ratio: int, seed: int, n_steps: int):
     return observable, PairStatistics.from_pairs(X, Y)
 
 
+def _lifted_hybrid(model, names, h: int, observable, stats, tikhonov: float) -> DepthHybrid:
+    """The lifting's hybrid of blocks h..end with the DMD refitted at ``tikhonov``."""
+    dmd = DMD(None, tikhonov=tikhonov, exact_rollout=True).fit_statistics(stats)
+    return DepthHybrid(model, names[h:], observable, dmd).eval()
+
+
 def _lifting_rows(add, model, names, states, span, grid) -> None:
     h, width = len(names) - span, states.shape[2]
     settings = {"lifting_ratio": grid["lifting_ratio"], "lifting_seed": grid.get("seed", 0),
                 "lifting_steps": grid.get("lifting_steps", LIFTING["n_steps"])}
-    observable, stats = _lifting(states, h, *settings.values())
+    observable, stats = _lifting(states, h, settings["lifting_ratio"],
+                                 settings["lifting_seed"], settings["lifting_steps"])
     costs = {**settings, "nonlinear_macs": observable.nonlinear_macs(width),
-             "block_macs": 2 * width * width}
+             "block_macs": 2 * width * width}  # ResidualBlock: fc1 and fc2, W x W each
     for tikhonov in grid["tikhonovs"]:
-        dmd = DMD(None, tikhonov=tikhonov, exact_rollout=True).fit_statistics(stats)
-        add(span, "learned lifting", DepthHybrid(model, names[h:], observable, dmd).eval(),
-            n_delays=0, rank=dmd.rank_, tikhonov=tikhonov, **costs)
+        hybrid = _lifted_hybrid(model, names, h, observable, stats, tikhonov)
+        add(span, "learned lifting", hybrid, n_delays=0, rank=hybrid.rank_,
+            tikhonov=tikhonov, **costs)
 
 
 def sweep_spans(model, states, val, grid: dict, log=None) -> tuple[list[dict], dict]:
@@ -276,8 +283,7 @@ def rebuild(model, states, row: dict) -> nn.Module:
     if row["method"] == "learned lifting":
         observable, stats = _lifting(states, h, row["lifting_ratio"], row["lifting_seed"],
                                      row["lifting_steps"])
-        dmd = DMD(None, tikhonov=row["tikhonov"], exact_rollout=True).fit_statistics(stats)
-        return DepthHybrid(model, names[h:], observable, dmd).eval()
+        return _lifted_hybrid(model, names, h, observable, stats, row["tikhonov"])
     d = row["n_delays"]
     observable, stats = _hybrid(model, names, states, h, d, constant=True)
     dmd = DMD(row["rank_setting"], tikhonov=row["tikhonov"],

@@ -20,7 +20,7 @@ import torch
 
 from koopnet._version import __version__
 from koopnet.io.artifacts import atomic_write_text, write_json
-from koopnet.io.datasets import Split, idx_splits
+from koopnet.io.datasets import idx_splits
 from koopnet.lab import residual
 from koopnet.lab.devices import device_record
 from koopnet.lab.recipes import RESMLP_MNIST_QUICK, RESMLP_MNIST_RECIPE
@@ -72,17 +72,12 @@ def depth_config(*, seed: int | None = None, seeds: tuple[int, ...] | None = Non
     return config
 
 
-def splits_on(device: torch.device | str, *splits: Split) -> list[Split]:
-    """The splits with their inputs and labels on ``device`` (the data follows the model)."""
-    return [Split(s.X.to(device), s.y.to(device)) for s in splits]
-
-
 def _run_seed(config: DepthConfig, seed: int, device: torch.device | str = "cpu") -> dict:
     splits = idx_splits(config.data_dir, name="mnist", n_val=None, seed=seed)
     train = splits.train
     if config.train_subset is not None:
         train = train.subset(slice(0, config.train_subset))
-    train, val, test = splits_on(device, train, splits.val, splits.test)
+    train, val, test = (s.to(device) for s in (train, splits.val, splits.test))
     splits = dataclasses.replace(splits, val=val, test=test)
     torch.manual_seed(seed)  # the weights are drawn on the CPU, then moved
     model = residual.ResidualMLP(splits.n_features, config.width, config.n_blocks,

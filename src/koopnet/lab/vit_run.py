@@ -22,7 +22,7 @@ from koopnet.io.artifacts import atomic_write_text, write_json
 from koopnet.io.datasets import idx_splits
 from koopnet.lab import vit
 from koopnet.lab.residual import select
-from koopnet.lab.residual_run import depth_results, mean_sd, splits_on, summarize, summary_table
+from koopnet.lab.residual_run import depth_results, mean_sd, summarize, summary_table
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
@@ -87,7 +87,7 @@ def run_seed(config: ViTConfig, seed: int, splits=None, device: torch.device | s
     """One seed on ``device``; ``splits`` (train, val, test) replaces the MNIST files (tests
     scramble the test labels this way)."""
     splits = splits if splits is not None else _splits(config, seed)
-    train, val, test = splits_on(device, *splits)
+    train, val, test = (s.to(device) for s in splits)
     torch.manual_seed(seed)  # the weights are drawn on the CPU, then moved
     model = vit.ViT(config.width, config.depth, config.heads, config.mlp_ratio).to(device)
     start = time.perf_counter()
