@@ -224,10 +224,19 @@ def test_a_failure_on_one_rank_stops_every_rank(runs):
                          learned]
 
 
-def test_linearize_depth_refuses_a_learned_observable():
+def test_linearize_depth_refuses_a_learned_observable_under_torch_distributed(monkeypatch):
+    """psi trains on all the states at once; a rank holds only its shard (refused before the
+    model runs its shard, so every rank raises alike and none waits in a collective)."""
+    from koopnet import depth
+
     model, X = residual_model()
-    with pytest.raises(ValueError, match=r"^spec\.observable_kind='learned': depth trajectories "
-                                         r"are lifted with delays only"):
+    monkeypatch.setattr(depth, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match=r"^spec\.observable_kind='learned' trains psi on all "
+                                         r"the depth states at once, which the streamed fit "
+                                         r"\(moments only\) never holds: under torch\."
+                                         r"distributed every rank holds only its shard of them; "
+                                         r"run this fit in one process \(without torchrun\), or "
+                                         r"pass FitSpec\(\.\.\., observable_kind='delay'\)\.$"):
         linearize_depth(model, BLOCKS, X, spec=FitSpec(1, observable_kind="learned",
                                                        exact_rollout=True))
 

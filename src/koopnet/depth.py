@@ -3,11 +3,13 @@
 In a residual network the state that flows through a stack of same-shape blocks already is a
 trajectory: s_0 is the input of the first block and s_t the output of block t. No layer has to
 be scaled (no blocks inserted, nothing trained) before a DMD is fitted on it, so
-:func:`linearize_depth` only runs the model with forward hooks, lifts the states with delays,
-fits the operator and returns :class:`DepthHybrid`, a copy of the model that runs the first h
-blocks, advances the remaining ``len(blocks) - h`` steps with one precomputed linear map and
-carries on after the last block as the original would. The states come from
-:mod:`koopnet.depth_states` (forward hooks, with every rule about the blocks checked there).
+:func:`linearize_depth` only runs the model with forward hooks, lifts the states with delays
+(or, with ``FitSpec(observable_kind="learned")``, delays plus an encoder psi trained on the
+states: :class:`~koopnet.learned.LearnedObservable`), fits the operator and returns
+:class:`DepthHybrid`, a copy of the model that runs the first h blocks, advances the remaining
+``len(blocks) - h`` steps with one precomputed linear map and carries on after the last block
+as the original would. The states come from :mod:`koopnet.depth_states` (forward hooks, with
+every rule about the blocks checked there).
 
 Two views of a state that is more than a vector (tokens [B, L, d], feature maps [B, C, H, W]):
 
@@ -23,11 +25,12 @@ rank (``torchrun --nproc_per_node N script.py``), take the streamed route: the s
 summed into :class:`~koopnet.streaming.TrajectoryMoments` batch by batch, each rank running
 the model on its own contiguous shard of ``data`` only, and one all-reduce adds the moments
 up, so every rank returns the same hybrid. Smaller states in one process are fitted in memory
-(SVD of the lifted pairs). The two routes fit the same pairs, without centering, and give the
-same operator up to rounding, which the Gram route's squared condition number amplifies to
-about eps * cond(X)^2; a singular value between the two routes' noise floors (SVD:
-max(n, D) eps S_max, Gram: sqrt(D eps) S_max) is kept by one and cut by the other, so compare
-near-singular lifts at an explicit ``rank``.
+(SVD of the lifted pairs). A learned observable needs that route: psi is trained on the states
+themselves, which moments do not hold, so a learned spec on the streamed route is refused. The
+two routes fit the same pairs, without centering, and give the same operator up to rounding,
+which the Gram route's squared condition number amplifies to about eps * cond(X)^2; a singular
+value between the two routes' noise floors (SVD: max(n, D) eps S_max, Gram: sqrt(D eps) S_max)
+is kept by one and cut by the other, so compare near-singular lifts at an explicit ``rank``.
 
 The fit is exact DMD by default (``exact_rollout=True``): within-trajectory pairs never hold the
 last state as an input, so the projected roll-out would be confined to the span of states the
@@ -69,9 +72,11 @@ from koopnet.depth_states import (
 )
 from koopnet.distributed import is_distributed, sharded_statistics
 from koopnet.dmd import DMD
+from koopnet.learned import LearnedObservable
 from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.spec import FitSpec
+from koopnet.submodule import fit_states
 
 __all__ = ["DepthHybrid", "collect_depth_states", "linearize_depth"]
 
@@ -164,11 +169,14 @@ class DepthHybrid(nn.Module):
     ``model`` itself is deep-copied, never modified.
 
     Build one with :func:`linearize_depth`; the constructor takes a fitted observable (whose
-    ``n_delays_`` is h) and a DMD fitted on its lifted states. ``linear_map`` [W, D] is stored
+    ``n_delays_`` is h): a :class:`~koopnet.observables.TimeDelay` or a
+    :class:`~koopnet.learned.LearnedObservable` (whose psi runs where it was fitted, the states
+    moved there and back), and a DMD fitted on its lifted states. ``linear_map`` [W, D] is stored
     in float64 and applied in the states' dtype; it moves with ``.to(device)``.
     """
 
-    def __init__(self, model: nn.Module, blocks, observable: TimeDelay, dmd: DMD, *,
+    def __init__(self, model: nn.Module, blocks, observable: TimeDelay | LearnedObservable,
+                 dmd: DMD, *,
                  per_position: bool = False) -> None:
         super().__init__()
         names = resolve_blocks(model, blocks)
@@ -233,10 +241,6 @@ def _make_spec(spec, n_delays, rank, tikhonov, constant) -> FitSpec:
                          "not both.")
     if not isinstance(spec, FitSpec):
         raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
-    if spec.observable_kind != "delay":
-        raise ValueError(f"spec.observable_kind={spec.observable_kind!r}: depth trajectories "
-                         "are lifted with delays only; pass FitSpec(..., "
-                         "observable_kind='delay').")
     if spec.pairing != "trajectory":
         raise ValueError(f"spec.pairing={spec.pairing!r}: depth trajectories are fitted with "
                          "pairing='trajectory' (windows never cross from one sample into the "
@@ -261,7 +265,9 @@ def linearize_depth(model: nn.Module, blocks, data, *, spec: FitSpec | None = No
         Inputs ``[n, ...]`` as the model takes them (floats are cast to the model's dtype,
         integer token ids kept).
     spec : FitSpec, optional
-        How to fit (pairing must be "trajectory"); or the loose keywords ``n_delays``
+        How to fit (pairing must be "trajectory"; ``observable_kind="learned"`` trains psi on
+        all the states in memory, so it is refused where they would be streamed); or the
+        loose keywords ``n_delays``
         (default 1: the first block runs), ``rank``, ``tikhonov``, ``constant``, which default
         to an exact-DMD roll-out (``exact_rollout=True``, see the module docs).
     per_position : bool
@@ -289,21 +295,41 @@ def linearize_depth(model: nn.Module, blocks, data, *, spec: FitSpec | None = No
     states_of = functools.partial(_states, model, names, X, per_position, batch_size)
     probe = _probe(model, names, X, per_position)  # [2 or 2L, T, W]
     rows_per_sample, width = len(probe) // 2, probe.shape[2]
-    observable = spec.observable().fit(probe[:1])
+    # fitted on the probe for its widths only (psi untrained); checks the spec before any work
+    observable = spec.replace(n_steps=0).observable().fit(probe[:1])
     check_rank_limit(spec.rank, observable.n_output_features_,
                      len(X) * rows_per_sample * (n_states - 1 - spec.n_delays))
-    dmd = spec.dmd()
-    if not is_distributed() and len(X) * rows_per_sample * n_states * width * 8 <= _IN_MEMORY_BYTES:
+    sample_bytes = rows_per_sample * n_states * width * 8
+    if not is_distributed() and len(X) * sample_bytes <= _IN_MEMORY_BYTES:
         states = states_of(0, len(X)).to(torch.float64)  # [N, T, W]
         check_finite(states, "depth states", " Rescale the inputs or check the model's weights.")
-        dmd.fit(observable.transform(states))  # lifted [N, T-h, D]
+        observable, dmd = fit_states(states, spec)  # psi, if any, trained on all the states
     else:  # streamed; under torch.distributed each rank runs its shard, one all-reduce
+        _check_streamable(spec, len(X), sample_bytes)
         stats = sharded_statistics(states_of, len(X), spec.n_delays, constant=spec.constant,
                                    batch_size=batch_size)
         check_finite(stats.xx, "depth state moments",  # the same on every rank: all raise
                      " Rescale the inputs or check the model's weights.")
-        dmd.fit_statistics(stats)
+        dmd = spec.dmd().fit_statistics(stats)
     return DepthHybrid(model, names, observable, dmd, per_position=per_position).eval()
+
+
+def _check_streamable(spec: FitSpec, n_samples: int, sample_bytes: int) -> None:
+    """Refuse a learned observable on the streamed route: moments cannot train psi, which
+    needs the states themselves (the same decision, and error, on every rank)."""
+    if spec.observable_kind == "delay":
+        return
+    if is_distributed():
+        why = ("under torch.distributed every rank holds only its shard of them; run this fit "
+               "in one process (without torchrun)")
+    else:
+        why = (f"the states of these {n_samples} samples take "
+               f"{n_samples * sample_bytes / 2**20:.1f} MiB, over the "
+               f"{_IN_MEMORY_BYTES / 2**20:.1f} MiB fitted in memory; pass at most "
+               f"{_IN_MEMORY_BYTES // sample_bytes} samples")
+    raise ValueError(f"spec.observable_kind={spec.observable_kind!r} trains psi on all the depth "
+                     f"states at once, which the streamed fit (moments only) never holds: {why}, "
+                     "or pass FitSpec(..., observable_kind='delay').")
 
 
 def _states(model, names, X, per_position, batch_size, start: int, stop: int) -> torch.Tensor:
