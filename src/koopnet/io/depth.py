@@ -6,7 +6,9 @@ residual MLP), which koopnet cannot describe in JSON the way it describes Sequen
 *factory* (``"mypkg.models:make_vit"``, a callable returning the module, called with JSON
 keyword arguments) and a safetensors file of its ``state_dict()``. The artifact
 ``depth_hybrid.safetensors/json`` (:mod:`koopnet.io.artifacts`: hashed, atomic, no pickle)
-holds what the fit added: the DMD tensors, the observable's settings, the block names,
+holds what the fit added: the DMD tensors, the observable (a delay lifting's settings; a
+learned one's settings and psi's architecture in the JSON, psi's weights and standardisation as
+tensors, as :mod:`koopnet.io.observables` stores them for every hybrid), the block names,
 ``per_position``, the precomputed linear map, the factory path and keyword arguments, and the
 SHA-256 of the weights file as its parent. Loading imports the factory again (running the
 user's code, which the user chose by naming it) and refuses a weights file whose hash differs
@@ -28,8 +30,9 @@ from koopnet.depth import DepthHybrid
 from koopnet.dmd import DMD
 from koopnet.io.artifacts import ArtifactError, file_sha256, load_artifact, save_artifact
 from koopnet.io.observables import observable_entry, restore_observable
-from koopnet.io.serialize import module_spec, read_safetensors
+from koopnet.io.serialize import _build, _load_state, module_spec, read_safetensors
 from koopnet.io.sources import read_array, read_data_file
+from koopnet.learned import LearnedObservable
 from koopnet.observables import TimeDelay
 
 __all__ = ["build_model", "import_factory", "load_depth_files", "load_depth_hybrid",
@@ -171,7 +174,7 @@ def _restore_dmd(entry: dict, tensors: dict) -> DMD:
 
 
 def _rebuild(model: nn.Module, config: dict, tensors: dict) -> DepthHybrid:
-    observable = restore_observable(config["observable"], tensors, None, None)
+    observable = restore_observable(config["observable"], tensors, _build, _load_state)
     dmd = _restore_dmd(config["dmd"], tensors)
     hybrid = DepthHybrid(model, list(config["blocks"]), observable, dmd,
                          per_position=bool(config["per_position"]))
@@ -195,15 +198,15 @@ def save_depth_hybrid(hybrid: DepthHybrid, directory, *, factory: str, weights,
     """
     if not isinstance(hybrid, DepthHybrid):
         raise TypeError(f"hybrid must be a koopnet DepthHybrid; got {type(hybrid).__name__}.")
-    if type(hybrid.observable) is not TimeDelay:
-        raise TypeError(f"depth hybrids are saved with TimeDelay observables; this one uses "
-                        f"{type(hybrid.observable).__name__}.")
+    if type(hybrid.observable) not in (TimeDelay, LearnedObservable):
+        raise TypeError(f"depth hybrids are saved with TimeDelay or LearnedObservable "
+                        f"observables; this one uses {type(hybrid.observable).__name__}.")
     kwargs = json.loads(json.dumps(dict(factory_kwargs or {})))  # as a reader will see them
     clash = sorted(_RESERVED & set(metadata or {}))
     if clash:
         raise ValueError(f"metadata keys {clash} are reserved for the depth hybrid; rename them.")
     dmd = hybrid.dmd_
-    entry, _ = observable_entry(hybrid.observable, module_spec)
+    entry, observable_tensors = observable_entry(hybrid.observable, module_spec)
     config = {**dict(metadata or {}), "blocks": list(hybrid.blocks),
               "per_position": hybrid.per_position, "n_delays": hybrid.n_delays,
               "linear_steps": hybrid.linear_steps, "observable": entry, "dmd": _dmd_entry(dmd),
@@ -211,6 +214,7 @@ def save_depth_hybrid(hybrid: DepthHybrid, directory, *, factory: str, weights,
               "weights": str(Path(weights).resolve())}
     tensors = {f"dmd.{n.strip('_')}": getattr(dmd, n).detach().cpu() for n in _DMD_TENSORS}
     tensors["linear_map"] = hybrid.linear_map.detach().cpu()
+    tensors.update({key: value.detach().cpu() for key, value in observable_tensors.items()})
     again = _rebuild(build_model(factory, weights, kwargs), config, dict(tensors))
     _check_same(hybrid, again, weights)
     Path(directory).mkdir(parents=True, exist_ok=True)
