@@ -22,7 +22,7 @@ import torch
 
 from koopnet._checks import check_int
 from koopnet._version import __version__
-from koopnet.cli.fit import parse_rank
+from koopnet.cli.fit import parse_rank, spec_from_args
 from koopnet.cli.main import _add_common, _add_device
 from koopnet.cli.stages import _check_inputs_outside, _stage_folder
 from koopnet.depth import linearize_depth
@@ -30,7 +30,7 @@ from koopnet.io.artifacts import check_output_dir, staged_folder, write_json
 from koopnet.io.depth import KIND, build_model, load_depth_files, read_inputs, save_depth_hybrid
 from koopnet.lab.protocols import environment
 from koopnet.models import model_dtype
-from koopnet.spec import FitSpec
+from koopnet.spec import OBSERVABLE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ def cmd_depth_fit(args: argparse.Namespace) -> int:
 def _depth_fit(args: argparse.Namespace) -> dict:
     check_output_dir(args.out, force=args.force)  # a bad --out fails before any work
     _check_inputs_outside(args.out, args.weights, args.data)
-    spec = FitSpec(args.n_delays, args.rank, args.tikhonov, args.constant, "trajectory",
-                   exact_rollout=True)
+    spec = spec_from_args(args).replace(exact_rollout=True)  # --observable's rules as in fit
     _with_cwd_importable()
     model = build_model(args.model_factory, args.weights, args.factory_kwargs)
     X, _, record = read_inputs(args.data)
@@ -217,11 +216,22 @@ def add_depth_parsers(sub) -> None:
                           "energy fraction, 0 = optimal hard threshold")
     fit.add_argument("--tikhonov", type=float, default=0.0, help="relative Tikhonov damping")
     fit.add_argument("--constant", action="store_true", help="append the constant observable 1")
+    fit.add_argument("--observable", choices=OBSERVABLE_KINDS, default="delay",
+                     help="delay coordinates (default), or delay coordinates plus a learned "
+                          "encoder psi trained on all the depth states (held in memory)")
+    fit.add_argument("--latent-dims", type=int, default=None, metavar="R",
+                     help="--observable learned: psi's output size (default: the state width; "
+                          "at most 4x it)")
+    fit.add_argument("--learned-steps", type=int, default=None, metavar="N",
+                     help="--observable learned: psi's training steps (default 300)")
+    fit.add_argument("--learned-seed", type=int, default=None, metavar="S",
+                     help="--observable learned: psi's initialisation and batch seed (default 0)")
     fit.add_argument("--per-position", action="store_true",
                      help="one operator over each position's features (tokens, pixels)")
     fit.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass")
     _add_common(fit, seed=False, data_dir=False)
-    fit.set_defaults(func=cmd_depth_fit)
+    # depth trajectories are paired within each sample; spec_from_args reads these two
+    fit.set_defaults(func=cmd_depth_fit, pairing="trajectory", protocol=None)
 
     evaluate = sub.add_parser("depth-evaluate", help="accuracy of your network and its depth "
                                                      "hybrid -> results.json")
