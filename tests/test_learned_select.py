@@ -159,3 +159,13 @@ def test_streamed_fit_refuses_a_learned_observable(tmp_path, capsys):
                  "--observable", "learned", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "--observable learned needs a scale folder" in err
+
+
+def test_a_learned_fit_may_ask_for_a_rank_up_to_its_lifted_width(widening):
+    """The rank limit counts psi's r outputs: delays give 2 x 7 = 14 features, psi 3 more."""
+    scaled, X = widening
+    spec = {**LEARNED, "n_delays": 1}
+    hybrid = fit_hybrid(scaled, X, spec=FitSpec(rank=17, **spec))
+    assert hybrid.dmd_.rank_ <= 17
+    with pytest.raises(ValueError, match=r"^rank=18 exceeds what the data supports: min\(D=17,"):
+        fit_hybrid(scaled, X, spec=FitSpec(rank=18, **spec))
