@@ -6,10 +6,10 @@ inputs and timed against the original on the same batch, in one process with 1 t
 alternating original and hybrid so that load from other jobs hits both alike. Speed does not
 depend on the weights, so the models are freshly initialised. The ViT gets three views: one
 64x64-sized map per token (per position), one 1088x1088-sized map over the flattened state,
-and the flattened map with one delay (the view its reproduction selects for 2-5 blocks, a
-[1088, 2176] map). The residual MLP also gets the learned lifting of ``koopnet reproduce
-resmlp-mnist`` (psi of one block's multiply-adds, then one map), its psi untrained (its cost
-does not depend on it).
+the flattened map with one delay (a [1088, 2176] map), and the learned lifting of the
+flattened state of ``koopnet reproduce vit-mnist`` (psi, then a [1088, 1088 + r + 1] map). The
+residual MLP also gets the learned lifting of ``koopnet reproduce resmlp-mnist`` (psi of one
+block's multiply-adds, then one map). Every psi is untrained (its cost does not depend on it).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_depth.py [--batches 8,256] [--repeats 30]
 
@@ -34,8 +34,10 @@ import torch
 from koopnet import linearize_depth
 from koopnet.depth import DepthHybrid
 from koopnet.dmd import DMD
+from koopnet.lab import vit as vit_lab
 from koopnet.lab.residual import LIFTING, ResidualMLP, depth_states
 from koopnet.lab.vit import ViT
+from koopnet.lab.vit_run import ViTConfig
 from koopnet.learned import LearnedObservable
 
 RESULTS = Path(__file__).parent / "results"
@@ -53,10 +55,18 @@ def _time(model, X, repeats: int) -> list[float]:
 
 
 def _lifted(model, names, k: int, fit_X) -> DepthHybrid:
-    """The learned-lifting hybrid of the last k blocks (psi untrained: same cost)."""
-    states = depth_states(model, fit_X)[:, len(names) - k:]  # [n, k+1, W]
-    observable = LearnedObservable(0, hidden=states.shape[2],
-                                   **{**LIFTING, "n_steps": 0}).fit(states)
+    """The learned-lifting hybrid of the last k blocks (psi untrained: same cost), as the
+    residual MLP's and the ViT's reproductions build it."""
+    if isinstance(model, ViT):
+        states = vit_lab.view(vit_lab.vit_states(model, fit_X), "flat")[:, len(names) - k:]
+        config = ViTConfig()
+        observable = LearnedObservable(0, latent_dims=config.lifting_latent,
+                                       hidden=config.lifting_hidden,
+                                       **{**vit_lab.LIFTING, "n_steps": 0}).fit(states)
+    else:
+        states = depth_states(model, fit_X)[:, len(names) - k:]  # [n, k+1, W]
+        observable = LearnedObservable(0, hidden=states.shape[2],
+                                       **{**LIFTING, "n_steps": 0}).fit(states)
     dmd = DMD(exact_rollout=True).fit(observable.transform(states.double()))
     return DepthHybrid(model, names[len(names) - k:], observable, dmd).eval()
 
@@ -98,7 +108,9 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"{meta['repeats']} interleaved passes)", "",
              "Command: `OMP_NUM_THREADS=1 python benchmarks/bench_depth.py`. Random weights "
              "(speed does not depend on them); hybrids without delays (k last blocks -> one "
-             "linear map); 'learned lifting': psi (one block's multiply-adds) then one map. "
+             "linear map); 'learned lifting': psi then one map (ResMLP: psi of one block's "
+             "multiply-adds; ViT: psi of the flattened state, then a [1088, 1088 + r + 1] "
+             "map). "
              "Where the fastest and the median ratio disagree, the row does not measure the "
              "models: batch-256 passes on this sandbox have been bimodal in some runs (fresh "
              "pages for intermediate tensors cost more than the arithmetic).", "",
@@ -132,7 +144,8 @@ def main() -> None:
         X = torch.randn(batch, 784)
         rows += bench("ResMLP 784-256 x4", resmlp, (False, "lifting"), X, fit_X,
                       args.repeats)
-        rows += bench("ViT 17x64 x6", vit, (True, False, "delay"), X, fit_X, args.repeats)
+        rows += bench("ViT 17x64 x6", vit, (True, False, "delay", "lifting"), X, fit_X,
+                      args.repeats)
     meta = {"batches": batches, "repeats": args.repeats, "threads": torch.get_num_threads(),
             "statistic": "fastest of interleaved single-batch forward passes (median "
                                  "ratio beside it)",

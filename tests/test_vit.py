@@ -41,14 +41,38 @@ def test_cached_scores_match_the_rebuilt_modules(tiny):
     model, X, y = tiny
     states, held = vit.vit_states(model, X[:32]), vit.vit_states(model, X[32:])
     grid = {"delays": (0, 1), "flat_delays": (0,), "ranks": {"pos": (None, 8), "flat": (None,)},
-            "tikhonovs": (0.0,), "ridges": (1e-2,)}
-    sweep = vit.sweep_spans(model, states, held, y[32:], grid, spans=(1, 2, 6))
+            "tikhonovs": (0.0,), "ridges": (1e-2,), "lifting_spans": (2,), "lifting_latent": 4,
+            "lifting_hidden": 3, "lifting_steps": 2, "lifting_seed": 0}
+    liftings = {}
+    sweep = vit.sweep_spans(model, states, held, y[32:], grid, spans=(1, 2, 6),
+                            liftings=liftings)
     assert {r["method"] for r in sweep} == {"identity", "LS/pos", "LS/flat", "ridge/pos",
-                                           "ridge/flat", "DMD/pos", "DMD/flat"}
+                                           "ridge/flat", "DMD/pos", "DMD/flat", "lifting/flat"}
     assert max(r["n_delays"] or 0 for r in sweep if r["method"] == "DMD/pos") == 1
+    lifting = next(r for r in sweep if r["method"] == "lifting/flat")
+    assert lifting["span"] == 2 and list(liftings) == [2]
+    # psi reads the 17 x 64 flattened state: 1088 x 3 + 3 x 4 multiply-adds
+    assert lifting["nonlinear_macs"] == 1088 * 3 + 3 * 4
+    assert lifting["block_macs"] == vit.block_macs(64, 17, 2)
     for row in select(sweep):
-        replaced = vit.build_replacement(model, states, row)
+        replaced = vit.build_replacement(model, states, row, liftings)
         assert vit.score(replaced, X[32:], y[32:]) == pytest.approx(row["val_accuracy"])
+    # without the cache the lifting is trained again, to the same hybrid (seeded)
+    again = vit.build_replacement(model, states, lifting)
+    with torch.no_grad():
+        torch.testing.assert_close(again(X[32:]),
+                                   vit.build_replacement(model, states, lifting, liftings)(X[32:]))
+
+
+def test_block_macs_match_torch_flop_counter():
+    """torch counts the block's Linear layers (its CPU attention kernel is not counted): they
+    and the attention's scores and weighted sum (2 L^2 W) make up block_macs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    W, L, m = 8, 3, 2
+    with FlopCounterMode(display=False) as counter:
+        vit.Block(W, 2, m).eval()(torch.randn(1, L, W))
+    assert vit.block_macs(W, L, m) == counter.get_total_flops() // 2 + 2 * L * L * W
 
 
 def test_profile_covers_every_span(tiny):

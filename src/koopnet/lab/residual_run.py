@@ -29,7 +29,7 @@ from koopnet.models import TrainConfig, accuracy
 log = logging.getLogger(__name__)
 SCHEMA = 1
 _SETTING_KEYS = ("seed", "n_delays", "rank", "tikhonov", "ridge", "lifting_ratio",
-                 "nonlinear_macs", "block_macs")
+                 "lifting_latent", "lifting_hidden", "nonlinear_macs", "block_macs")
 METHODS = ("delay DMD", "learned lifting", "least squares", "ridge", "identity")
 
 
@@ -183,6 +183,9 @@ def _settings(method: str, x: dict) -> str:
     if method == "learned lifting":
         return (f"ψ: {x['lifting_ratio']}W features ({x['nonlinear_macs'] / x['block_macs']:.2f}"
                 f" block), tik={x['tikhonov']}")
+    if method == "lifting/flat":
+        return (f"ψ: {x['lifting_latent']} features ({x['nonlinear_macs'] / x['block_macs']:.2f}"
+                f" block), rank={x['rank']}, tik={x['tikhonov']}")
     if "DMD" in method:
         return f"delays={x['n_delays']}, rank={x['rank']}, tik={x['tikhonov']}"
     return f"λ={x['ridge']}" if x["ridge"] else "-"

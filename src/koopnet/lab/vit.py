@@ -10,7 +10,13 @@ the last k blocks can be replaced, with nothing trained, by
   (17*64 features, an operator that can mix tokens as attention does);
 - ``identity``: the blocks are skipped (output s_h);
 - ``LS/pos``, ``LS/flat``: the closed-form affine map s_h -> s_T (ReplaceMe-style);
-- ``ridge/pos``, ``ridge/flat``: the same with an L2 penalty.
+- ``ridge/pos``, ``ridge/flat``: the same with an L2 penalty;
+- ``lifting/flat`` (for the spans in ``grid["lifting_spans"]``): the flattened state s_h plus
+  a learned encoder psi(s_h) of r features (:class:`koopnet.learned.LearnedObservable`,
+  ``encoder_input="state"``: Linear 17*64 -> hidden, GELU, Linear hidden -> r, GELU, trained on
+  the training states as a Koopman autoencoder), then a DMD over the span refitted in closed
+  form on the lifted states. psi's multiply-adds are reported beside one block's
+  (``nonlinear_macs``, ``block_macs``): the nonlinear work the hybrid keeps.
 
 Every setting (delays, rank, Tikhonov, ridge) is chosen on the validation split. Selection
 scores replacements from cached validation states (the head, or the blocks after a span, run
@@ -31,12 +37,17 @@ from torch import nn
 from koopnet.depth import DepthHybrid
 from koopnet.dmd import DMD, PairStatistics
 from koopnet.lab.residual import AffineMap, affine_fit, block_names, replace_span
+from koopnet.learned import LearnedObservable
 from koopnet.observables import TimeDelay, snapshot_pairs
 
-__all__ = ["FlatAffine", "ViT", "build_replacement", "linearity_profile", "sweep_spans",
-           "train_vit", "vit_states"]
+__all__ = ["LIFTING", "FlatAffine", "ViT", "block_macs", "build_replacement",
+           "linearity_profile", "sweep_spans", "train_vit", "vit_states"]
 
 VIEWS = ("pos", "flat")
+#: psi's training for ``lifting/flat`` (full-rank batches: more pairs than lifted features)
+LIFTING = {"activation": "gelu", "encoder_input": "state", "constant": True,
+           "batch_size": 1024, "lr": 3e-3}
+_LIFTING_KEYS = ("lifting_latent", "lifting_hidden", "lifting_steps", "lifting_seed")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -68,6 +79,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def block_macs(width: int, tokens: int, mlp_ratio: int) -> int:
+    """Multiply-adds of one :class:`Block` per sample: q, k, v and the output projection
+    (4 W^2 per token), the MLP (2 m W^2 per token) and the attention scores and weighted sum
+    (2 L W per token); the norms and softmax are left out."""
+    return tokens * ((4 + 2 * mlp_ratio) * width * width + 2 * tokens * width)
 
 
 class ViT(nn.Module):
@@ -213,6 +231,16 @@ def _predict_dmd(observable, linear_map, rows: torch.Tensor, h: int, d: int) -> 
     return (lifted @ linear_map.T).to(torch.float32)
 
 
+def _lifting_parts(rows: torch.Tensor, h: int, settings: dict):
+    """Learned lifting of s_h..s_T (flattened rows [N, T+1, W]) and its lifted pair statistics."""
+    sub = rows[:, h:]
+    observable = LearnedObservable(
+        0, latent_dims=settings["lifting_latent"], hidden=settings["lifting_hidden"],
+        n_steps=settings["lifting_steps"], seed=settings["lifting_seed"], **LIFTING).fit(sub)
+    X, Y = snapshot_pairs(observable.transform(sub.to(torch.float64)))
+    return observable, PairStatistics.from_pairs(X, Y)
+
+
 @torch.no_grad()
 def _tail_score(model: ViT, state: torch.Tensor, start: int, y: torch.Tensor) -> float:
     hits = sum(int((model.tail(state[i:i + 2048], start).argmax(1) == y[i:i + 2048]).sum())
@@ -221,13 +249,17 @@ def _tail_score(model: ViT, state: torch.Tensor, start: int, y: torch.Tensor) ->
 
 
 def sweep_spans(model: ViT, states: torch.Tensor, val_states: torch.Tensor, val_y, grid: dict,
-                spans=None, log=None) -> list[dict]:
+                spans=None, log=None, liftings: dict | None = None) -> list[dict]:
     """Every method and setting for every span of last blocks, scored on validation only.
 
     ``states`` / ``val_states`` [n, T+1, 17, width] are training / validation depth states;
     ``grid`` holds ``delays``, ``ranks`` (per view: {"pos": [...], "flat": [...]}),
-    ``tikhonovs``, ``ridges`` and optionally ``flat_delays`` (the flattened view's delays).
-    One row per setting: span, method, n_delays, rank, tikhonov, ridge, val_accuracy.
+    ``tikhonovs``, ``ridges`` and optionally ``flat_delays`` (the flattened view's delays),
+    ``lifting_spans`` with ``lifting_latent``, ``lifting_hidden``, ``lifting_steps`` and
+    ``lifting_seed`` (the learned lifting's). One row per setting: span, method, n_delays,
+    rank, tikhonov, ridge, val_accuracy (and a lifting's settings and costs). ``liftings``, a
+    dict, receives each span's fitted lifting, so :func:`build_replacement` need not train
+    it again.
     """
     n, T1, L, d_model = val_states.shape
     T = T1 - 1
@@ -235,9 +267,10 @@ def sweep_spans(model: ViT, states: torch.Tensor, val_states: torch.Tensor, val_
 
     def add(span, method, pred, **settings):
         acc = _tail_score(model, pred, T, val_y)
-        rows.append({"span": span, "method": method, "n_delays": settings.get("n_delays"),
-                     "rank": settings.get("rank"), "tikhonov": settings.get("tikhonov"),
-                     "ridge": settings.get("ridge"), "val_accuracy": acc})
+        rows.append({"span": span, "method": method, "n_delays": settings.pop("n_delays", None),
+                     "rank": settings.pop("rank", None),
+                     "tikhonov": settings.pop("tikhonov", None),
+                     "ridge": settings.pop("ridge", None), "val_accuracy": acc, **settings})
 
     for span in spans or range(1, T + 1):
         h = T - span
@@ -260,13 +293,34 @@ def sweep_spans(model: ViT, states: torch.Tensor, val_states: torch.Tensor, val_
                                             held, h, d)
                         add(span, f"DMD/{kind}", unview(pred, n, L, d_model), n_delays=d,
                             rank=dmd.rank_, tikhonov=tikhonov)
+        if span in grid.get("lifting_spans", ()):
+            _lifting_rows(add, model, view(states, "flat"), view(val_states, "flat"), span,
+                          grid, liftings)
         if log is not None:
             log(f"span {span}: {len(rows)} settings scored")
     return rows
 
 
-def build_replacement(model: ViT, states: torch.Tensor, row: dict) -> nn.Module:
-    """The replaced model a selected row describes, as a real module (fits are deterministic)."""
+def _lifting_rows(add, model: ViT, fit, held, span: int, grid: dict, liftings) -> None:
+    h = fit.shape[1] - 1 - span
+    L, d_model = model.pos.shape[1:]
+    settings = {k: grid[k] for k in _LIFTING_KEYS}
+    observable, stats = _lifting_parts(fit, h, settings)
+    if liftings is not None:
+        liftings[span] = (settings, observable, stats)
+    costs = {**settings, "nonlinear_macs": observable.nonlinear_macs(),
+             "block_macs": block_macs(d_model, L, model.blocks[0].mlp[0].out_features // d_model)}
+    for tikhonov in grid["tikhonovs"]:
+        dmd = DMD(None, tikhonov=tikhonov, exact_rollout=True).fit_statistics(stats)
+        pred = _predict_dmd(observable, _dmd_map(observable, dmd, span), held, h, 0)
+        add(span, "lifting/flat", unview(pred, len(held), L, d_model), n_delays=0,
+            rank=dmd.rank_, tikhonov=tikhonov, **costs)
+
+
+def build_replacement(model: ViT, states: torch.Tensor, row: dict,
+                      liftings: dict | None = None) -> nn.Module:
+    """The replaced model a selected row describes, as a real module (fits are deterministic;
+    a lifting found in ``liftings`` with the row's settings is reused, not trained again)."""
     names = block_names(model)
     T = len(names)
     h = T - row["span"]
@@ -274,6 +328,13 @@ def build_replacement(model: ViT, states: torch.Tensor, row: dict) -> nn.Module:
     if method == "identity":
         return replace_span(model, h, T - 1, None)
     fit = view(states, kind)
+    if method == "lifting":
+        settings = {k: row[k] for k in _LIFTING_KEYS}
+        cached = (liftings or {}).get(row["span"])
+        observable, stats = cached[1:] if cached and cached[0] == settings else \
+            _lifting_parts(fit, h, settings)
+        dmd = DMD(None, tikhonov=row["tikhonov"], exact_rollout=True).fit_statistics(stats)
+        return DepthHybrid(model, names[h:], observable, dmd).eval()
     if method in ("LS", "ridge"):
         weight, bias = affine_fit(fit[:, h], fit[:, T], row["ridge"] or 0.0)
         module = AffineMap(weight, bias) if kind == "pos" else FlatAffine(weight, bias)
