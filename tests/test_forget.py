@@ -1,5 +1,6 @@
 """Forgetting a class in closed form (koopnet.forgetting): the erasure's algebra on a
-linear-Gaussian toy, the input left alone, save/load, and the refusals."""
+linear-Gaussian toy, reassign-match's shares and what a multinomial probe still finds, the input
+left alone, save/load, and the refusals."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from torch import nn
 
 from koopnet import KoopmanHybrid, forget_class, load_hybrid, save_hybrid
 from koopnet.editing import _lifted
-from koopnet.forgetting import METHODS
+from koopnet.forgetting import METHODS, _shares
 from koopnet.observables import TimeDelay
 
 WIDTH = 5
-ERASING = ("reassign-erase", "erase", "leace")  # methods that equalise the class means
+# methods that equalise the class means (reassign-match: when the kept classes' sizes share the
+# class's samples out evenly, as in _gaussians)
+ERASING = ("reassign-match", "reassign-erase", "erase", "leace")
 
 
 def _gaussians(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +49,49 @@ def _toy(*, constant: bool = False) -> KoopmanHybrid:
     return KoopmanHybrid(head, nn.Sequential(), tail, observable, basis=eye, operator=eye.clone(),
                          readout=readout, linear_map=readout.clone(), width=WIDTH,
                          linear_steps=1).eval()
+
+
+def _tanh_toy(width: int = 8) -> KoopmanHybrid:
+    """As :func:`_toy` with a Tanh after the head: the lifted state spans ``width`` directions
+    (the plain toy's spans 3), room for an edit that must keep two classes apart."""
+    torch.manual_seed(0)
+    observable = TimeDelay(0).fit(torch.zeros(1, 1, width))
+    eye = torch.eye(observable.n_output_features_, dtype=torch.float64)
+    readout = observable.readout(width).to(torch.float64)
+    head = nn.Sequential(nn.Linear(3, width), nn.Tanh()).double()
+    tail = nn.Sequential(nn.Linear(width, 3)).double()
+    X, y = _gaussians(600, 1)
+    with torch.no_grad():
+        features = torch.cat([head(X), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+        coef = torch.linalg.lstsq(features, nn.functional.one_hot(y).double()).solution
+        tail[-1].weight.copy_(coef[:-1].T)
+        tail[-1].bias.copy_(coef[-1])
+    return KoopmanHybrid(head, nn.Sequential(), tail, observable, basis=eye, operator=eye.clone(),
+                         readout=readout, linear_map=readout.clone(), width=width,
+                         linear_steps=1).eval()
+
+
+def _probe_recovery(net, X, y, Xt, yt, c: int) -> float:
+    """Share of class c's held-out samples that a multinomial logistic probe on the input of the
+    last Linear (fitted on X, y) assigns to c."""
+    seen = []
+    hook = net.tail[-1].register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        net(X), net(Xt)
+    hook.remove()
+    mu, sd = seen[0].mean(0), seen[0].std(0) + 1e-8
+    A, At = (torch.cat([(F - mu) / sd, torch.ones(len(F), 1, dtype=F.dtype)], 1) for F in seen)
+    W = torch.zeros(A.shape[1], 3, dtype=A.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(A @ W, y) + 1e-4 * (W**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(((At[yt == c] @ W).argmax(1) == c).double().mean())
 
 
 def _class_means(values: torch.Tensor, y: torch.Tensor, c: int):
@@ -121,6 +167,40 @@ def test_input_untouched_and_saved_edit_loads_equal(method, tmp_path):
         torch.testing.assert_close(loaded(Xt), edited(Xt), rtol=0, atol=1e-12)
 
 
+def test_reassign_match_puts_each_share_on_its_kept_class_mean():
+    """Class 1 has 300 training samples, class 2 has 100: class 0's 200 are shared 150 / 50, and
+    each share's mean of the edited p' (here of the logits, affine in p') is its class's."""
+    hybrid = _toy()
+    X, y = _gaussians(900, 1)
+    keep = (y != 2) | (torch.arange(len(y)) % 9 == 2)  # a third of class 2
+    keep &= (y != 0) | (torch.arange(len(y)) < 600)  # 200 of class 0
+    X, y = X[keep], y[keep]
+    with torch.no_grad():
+        shares = _shares(hybrid(X).double(), y, 0)
+        after = forget_class(hybrid, 0, X, y, method="reassign-match")(X)
+    assert sorted((int(mask.sum()), k) for mask, k in shares) == [(50, 2), (150, 1)]
+    for mask, k in shares:
+        torch.testing.assert_close(after[mask].mean(0), after[y == k].mean(0), rtol=0,
+                                   atol=1e-10)
+
+
+def test_reassign_match_hides_the_class_from_a_multinomial_probe():
+    """Erasing moves class 0 onto the kept mean, between classes 1 and 2, where a three-class
+    probe still finds it; shared out onto the kept classes' means it mostly does not."""
+    hybrid = _tanh_toy()
+    X, y = _gaussians(600, 1)
+    Xt, yt = _gaussians(900, 2)
+    recovered = {}
+    for method in ("reassign-match", "reassign-erase"):
+        edited = forget_class(hybrid, 0, X, y, method=method)
+        with torch.no_grad():
+            predicted = edited(Xt).argmax(1)
+        accuracy = [float((predicted[yt == k] == k).double().mean()) for k in range(3)]
+        assert accuracy[0] < 0.05 and min(accuracy[1:]) > 0.95, (method, accuracy)
+        recovered[method] = _probe_recovery(edited, X, y, Xt, yt, 0)
+    assert recovered["reassign-match"] < 0.5 < 0.8 < recovered["reassign-erase"], recovered
+
+
 def test_reassign_erase_forgets_the_class_on_held_out_data():
     hybrid = _toy()
     X, y = _gaussians(600, 1)
@@ -133,14 +213,15 @@ def test_reassign_erase_forgets_the_class_on_held_out_data():
 
     before = per_class(hybrid)
     assert min(before) > 0.95
-    after = per_class(forget_class(hybrid, 2, X, y))
+    after = per_class(forget_class(hybrid, 2, X, y, method="reassign-erase"))
     assert after[2] < 0.05 and min(after[:2]) > 0.9
 
 
 def test_refusals_name_the_problem_and_the_fix():
     hybrid = _toy()
     X, y = _gaussians(60, 1)
-    with pytest.raises(ValueError, match=r"method='bogus' must be 'reassign-erase' or 'erase'"):
+    with pytest.raises(ValueError,
+                       match=r"method='bogus' must be 'reassign-match' or 'reassign-erase'"):
         forget_class(hybrid, 0, X, y, method="bogus")
     with pytest.raises(ValueError, match=r"weight= belongs to method='redirect'"):
         forget_class(hybrid, 0, X, y, method="reassign", weight=2.0)

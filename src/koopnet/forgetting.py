@@ -22,7 +22,15 @@ Methods (c the forgotten class, "kept" every other sample, m and mu the class me
   weights x3 for the samples the edit still gets wrong (a class sample still predicted as c, a
   kept sample now misclassified), as ``"redirect"`` does.
 - ``"reassign-erase"``: ``"reassign"``, then ``"erase"`` on its output, the re-weighting judged on
-  the erased edit (the default; chosen on the validation split in ``benchmarks/forgetting.py``).
+  the erased edit.
+- ``"reassign-match"``: aimed at a multinomial probe, which can still isolate a class whose mean
+  sits between the kept classes (where ``"erase"`` puts it). The samples of c are shared among
+  the kept classes in proportion to their sizes (greedily, the network's most confident first);
+  each share's targets are its kept class's mean p, and the least-squares fit is solved under
+  the linear constraint that each share's mean of p' equals its class's mean, so c's mean of p'
+  is (up to rounding of the shares) the kept mean and each share hides inside a kept class;
+  re-weighted as ``"reassign"``. The default: chosen on the validation split in
+  ``benchmarks/forgetting.py``.
 - ``"redirect"``: koopnet's first edit: the starting state of the roll-out is changed by weighted
   ridge least squares towards the p of each class sample's nearest kept sample.
 
@@ -42,7 +50,7 @@ from koopnet.hybrid import KoopmanHybrid
 
 __all__ = ["METHODS", "forget_class"]
 
-METHODS = ("reassign-erase", "erase", "leace", "reassign", "redirect")
+METHODS = ("reassign-match", "reassign-erase", "erase", "leace", "reassign", "redirect")
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -88,31 +96,79 @@ def _reweigh(w: torch.Tensor, predicted_class: torch.Tensor, y: torch.Tensor, c:
                            3.0, 1.0)
 
 
-def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map: torch.Tensor,
-              *, erase: bool, rounds: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, b) of ``"reassign"`` (then ``"erase"`` when ``erase``): a weighted, centred ridge
-    least-squares fit of the targets on g, re-weighted (:func:`_reweigh`) by what the whole
-    edit predicts, ``rounds`` fits in all."""
-    predicted = lifted @ linear_map.T  # [n, w']
-    logits = _logits(hybrid, lifted, linear_map)
+def _shares(logits: torch.Tensor, y: torch.Tensor, c: int) -> list[tuple[torch.Tensor, int]]:
+    """The samples of c shared among the kept classes in proportion to the kept classes' sizes:
+    (sample, class) pairs are taken greedily, the network's most confident first (its
+    log-softmax over the kept classes), each class up to its share. Returns (mask [n], k) for
+    every non-empty share. Proportional shares put c's mean of p' on the kept mean once each
+    share's mean sits on its class's mean."""
+    kept = [k for k in y.unique().tolist() if k != c]
+    members = (y == c).nonzero().flatten()
+    sizes = torch.tensor([int((y == k).sum()) for k in kept], **_F64)
+    left = torch.floor(sizes / sizes.sum() * len(members)).long()
+    left[sizes.argmax()] += len(members) - int(left.sum())
+    scores = logits[members][:, kept].log_softmax(1)  # [n_c, kept]
+    owner = [-1] * len(members)
+    for pair in scores.flatten().argsort(descending=True, stable=True).tolist():
+        i, j = divmod(pair, len(kept))
+        if owner[i] < 0 and left[j] > 0:
+            owner[i], left[j] = j, left[j] - 1
+    owner = torch.tensor(owner, device="cpu")
+    shares = []
+    for j, k in enumerate(kept):
+        mask = torch.zeros_like(y, dtype=torch.bool)
+        mask[members[owner == j]] = True
+        if mask.any():
+            shares.append((mask, k))
+    return shares
+
+
+def _runner_up_shares(logits: torch.Tensor, y: torch.Tensor, c: int):
+    """The samples of c grouped by the kept class the network ranks next: (mask [n], k)."""
     present = torch.zeros(logits.shape[1], dtype=torch.bool, device="cpu")
     present[y.unique()] = True
     present[c] = False
     runner_up = logits.masked_fill(~present, -torch.inf).argmax(1)  # best kept class
+    return [((y == c) & (runner_up == k), k) for k in present.nonzero().flatten().tolist()]
+
+
+def _match(M: torch.Tensor, gram: torch.Tensor, gaps: torch.Tensor, ridge: float):
+    """The least-squares fit M under M G = 0, i.e. M - M G (G^T H^+ G)^+ G^T H^+ with H the
+    fit's weighted gram: each share's mean of p' lands on its kept class's mean.
+    Shape: M [w', D], gram [D, D], gaps G [D, shares]."""
+    whitened = _solve(gram, gaps, ridge)  # H^+ G [D, J]
+    return M - (M @ gaps) @ torch.linalg.pinv(gaps.T @ whitened) @ whitened.T
+
+
+def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map: torch.Tensor,
+              *, finish: str, rounds: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, b) of ``"reassign"`` (``finish`` "none"), ``"reassign-erase"`` ("erase": then
+    ``"erase"``) or ``"reassign-match"`` ("match": proportional shares, constrained fit): a
+    weighted, centred ridge least-squares fit of the targets on g, re-weighted
+    (:func:`_reweigh`) by what the whole edit predicts, ``rounds`` fits in all."""
+    predicted = lifted @ linear_map.T  # [n, w']
+    logits = _logits(hybrid, lifted, linear_map)
+    share_of = _shares if finish == "match" else _runner_up_shares
+    shares = share_of(logits, y, c)
     targets = predicted.clone()
+    for mask, k in shares:
+        targets[mask] = predicted[y == k].mean(0)
+    if finish == "match":  # what the constraint M G = 0 closes, one column per share
+        gaps = torch.stack([lifted[mask].mean(0) - lifted[y == k].mean(0)
+                            for mask, k in shares], 1)  # [D, shares]
     forget = y == c
-    for k in present.nonzero().flatten().tolist():
-        targets[forget & (runner_up == k)] = predicted[y == k].mean(0)
     ones = torch.ones(len(lifted), 1, **_F64)
     w = torch.ones(len(y), **_F64)
     for _ in range(rounds):
         share = (w / w.sum())[:, None]
         g_mean, t_mean = (share * lifted).sum(0), (share * targets).sum(0)
         centred = lifted - g_mean
-        M = _solve((centred * w[:, None]).T @ centred,
-                   (centred * w[:, None]).T @ (targets - t_mean), ridge).T  # [w', D]
+        gram = (centred * w[:, None]).T @ centred
+        M = _solve(gram, (centred * w[:, None]).T @ (targets - t_mean), ridge).T  # [w', D]
+        if finish == "match":
+            M = _match(M, gram, gaps, ridge)
         b = t_mean - M @ g_mean
-        if erase:
+        if finish == "erase":
             M, b = _erase(lifted, forget, M, b, ridge)
         outcome = _logits(hybrid, torch.cat([lifted, ones], 1), torch.cat([M, b[:, None]], 1))
         w = _reweigh(w, outcome.argmax(1), y, c)
@@ -176,18 +232,20 @@ def _fold_offset(new: KoopmanHybrid, offset: torch.Tensor) -> None:
 
 
 def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
-                 method: str = "reassign-erase", ridge: float = 1e-8,
+                 method: str = "reassign-match", ridge: float = 1e-8,
                  weight: float | None = None, rounds: int | None = None) -> KoopmanHybrid:
     """A new hybrid whose linear read-out is edited in closed form (no gradient steps) so that
     it forgets class ``class_index``; ``hybrid`` is left untouched.
 
     ``method``: one of :data:`METHODS` (see the module docs); each is fitted on (X, y), the
     training data. ``ridge``: relative damping of every least-squares solve. ``rounds``
-    (default 4): least-squares fits of ``"reassign-erase"``, ``"reassign"`` and ``"redirect"``,
+    (default 4): least-squares fits of ``"reassign-erase"``, ``"reassign"``,
+    ``"reassign-match"`` and ``"redirect"``,
     each re-weighted by what the previous edit predicts; ``weight`` (default 10, how many times
     a class sample counts at first) belongs to ``"redirect"`` only. With ``"erase"``,
     ``"leace"`` and ``"reassign-erase"`` the class's mean of the edited predicted state equals
-    the other samples' mean on (X, y). The edit is affine in g, so it forgets the class only as
+    the other samples' mean on (X, y); with ``"reassign-match"`` each share of the class has
+    the mean of its kept class. The edit is affine in g, so it forgets the class only as
     far as g separates it linearly: score the result on held-out data, and probe its features,
     before relying on it.
     Shape: X [n, features], y [n]; the result maps inputs to logits as ``hybrid`` does.
@@ -200,7 +258,8 @@ def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
                          "take it. Drop it or pass method='redirect'.")
     if method in ("erase", "leace") and rounds is not None:
         raise ValueError(f"rounds= belongs to the least-squares methods ('reassign-erase', "
-                         f"'reassign', 'redirect'); method={method!r} is one closed-form step. "
+                         f"'reassign', 'reassign-match', 'redirect'); method={method!r} is one "
+                         "closed-form step. "
                          "Drop rounds=.")
     if method != "redirect":
         _check_offset_target(hybrid, method)
@@ -227,8 +286,9 @@ def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
         new_map, offset = _erase(lifted, forget, linear_map, torch.zeros_like(linear_map[:, 0]),
                                  ridge)
     else:
+        finish = {"reassign-erase": "erase", "reassign-match": "match"}.get(method, "none")
         new_map, offset = _reassign(hybrid, lifted, y, c, linear_map, ridge=ridge,
-                                    erase=method == "reassign-erase", rounds=rounds)
+                                    finish=finish, rounds=rounds)
     new = _with_buffers(hybrid, operator, new_map, None)
     _fold_offset(new, offset)
     return new
