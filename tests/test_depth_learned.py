@@ -165,3 +165,21 @@ def test_cli_learned_options_without_a_learned_observable_are_one_line(files, tm
     assert err == ("koopnet: error: --latent-dims apply to --observable learned only; add "
                    "--observable learned or leave them out.")
     assert not (tmp_path / "fit").exists()
+
+
+def _devices(observable) -> set[str]:
+    return {p.device.type for p in observable.psi_.parameters()} | {
+        observable.mean_.device.type, observable.std_.device.type}
+
+
+def test_psi_follows_the_hybrid_to_another_device(files):
+    """psi is not a submodule: `.to(device)` must take it along (the meta device stands in for
+    a GPU), and only the hybrid's own copy moves, never the observable it was built from."""
+    model, X = files["model"], files["X_t"]
+    states = collect_depth_states(model, BLOCKS, X).to(torch.float64)
+    observable = learned_spec().observable().fit(states)
+    hybrid = DepthHybrid(model, BLOCKS, observable, learned_spec().dmd().fit(
+        observable.transform(states)))
+    hybrid.to("meta")
+    assert _devices(hybrid.observable) == {"meta"} and hybrid.linear_map.device.type == "meta"
+    assert _devices(observable) == {"cpu"}

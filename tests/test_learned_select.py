@@ -169,3 +169,16 @@ def test_a_learned_fit_may_ask_for_a_rank_up_to_its_lifted_width(widening):
     assert hybrid.dmd_.rank_ <= 17
     with pytest.raises(ValueError, match=r"^rank=18 exceeds what the data supports: min\(D=17,"):
         fit_hybrid(scaled, X, spec=FitSpec(rank=18, **spec))
+
+
+def test_psi_follows_a_koopman_hybrid_to_another_device(widening):
+    """As for depth hybrids: `.to(device)` moves the hybrid's own psi (meta stands in for a
+    GPU), never the observable it was built from."""
+    scaled, X = widening
+    states = collect_trajectories(scaled, X).states
+    observable = LearnedObservable(1, latent_dims=3, n_steps=2).fit(states)
+    hybrid = KoopmanHybrid.from_dmd(scaled, observable, DMD().fit(observable.transform(states)))
+    hybrid.to("meta")
+    assert next(hybrid.observable.psi_.parameters()).device.type == "meta"
+    assert hybrid.observable.mean_.device.type == "meta"
+    assert next(observable.psi_.parameters()).device.type == "cpu"

@@ -170,9 +170,10 @@ class DepthHybrid(nn.Module):
 
     Build one with :func:`linearize_depth`; the constructor takes a fitted observable (whose
     ``n_delays_`` is h): a :class:`~koopnet.observables.TimeDelay` or a
-    :class:`~koopnet.learned.LearnedObservable` (whose psi runs where it was fitted, the states
-    moved there and back), and a DMD fitted on its lifted states. ``linear_map`` [W, D] is stored
-    in float64 and applied in the states' dtype; it moves with ``.to(device)``.
+    :class:`~koopnet.learned.LearnedObservable` (copied, so that its psi can follow this
+    module), and a DMD fitted on its lifted states. ``linear_map`` [W, D] is stored in float64
+    and applied in the states' dtype; it and psi start on the model's device and move with
+    ``.to(device)``.
     """
 
     def __init__(self, model: nn.Module, blocks, observable: TimeDelay | LearnedObservable,
@@ -191,9 +192,13 @@ class DepthHybrid(nn.Module):
             raise TypeError(f"per_position={per_position!r} must be True or False.")
         self.blocks, self.n_delays, self.per_position = names, h, per_position
         self.linear_steps = len(names) - h
+        learned = isinstance(observable, LearnedObservable)
+        observable = copy.deepcopy(observable) if learned else observable  # psi moves with us
         self.observable, self.dmd_ = observable, dmd
         readout = observable.readout(observable.n_features_in_).to(dmd.dtype)  # [W, D]
         linear_map = dmd.transition(self.linear_steps, readout).to(model_device(model))
+        if learned:
+            observable.to(linear_map.device)
         self.model = copy.deepcopy(model)
         self.__dict__["_buffer"] = buffer = []
         modules = dict(self.model.named_modules())
@@ -213,6 +218,14 @@ class DepthHybrid(nn.Module):
     @property
     def rank_(self) -> int:
         return self.dmd_.rank_
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()`` and ``.cpu()`` move the buffers; a learned observable's psi,
+        which is not a submodule, follows the map to its device."""
+        super()._apply(fn, recurse)
+        if isinstance(self.observable, LearnedObservable):
+            self.observable.to(self.linear_map.device)
+        return self
 
     def forward(self, *args, **kwargs):
         self._buffer.clear()

@@ -74,6 +74,8 @@ class KoopmanHybrid(nn.Module):
             raise TypeError(f"compute_dtype={compute_dtype!r} must be None or a floating "
                             "torch.dtype such as torch.float64.")
         self.head, self.prefix, self.tail = head, prefix, tail
+        if isinstance(observable, LearnedObservable):  # its own psi, on the map's device
+            observable = copy.deepcopy(observable).to(linear_map.device)
         self.observable, self.pad_value, self.compute_dtype = observable, pad_value, compute_dtype
         self.layer, self.n_delays, self.n_blocks = layer, h, len(prefix)
         self.width, self.out_width = width, linear_map.shape[0]
@@ -143,6 +145,14 @@ class KoopmanHybrid(nn.Module):
         states = torch.stack(states, dim=1)  # [B, h+1, W]
         pad = self.observable.n_features_in_ - states.shape[2]
         return nn.functional.pad(states, (0, pad), value=self.pad_value) if pad else states
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()`` and ``.cpu()`` move the buffers; a learned observable's psi,
+        which is not a submodule, follows the map to its device."""
+        super()._apply(fn, recurse)
+        if isinstance(self.observable, LearnedObservable):
+            self.observable.to(self.linear_map.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_states(self.prefix_states(x))

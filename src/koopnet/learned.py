@@ -195,6 +195,14 @@ class LearnedObservable:
     def fit_transform(self, states: torch.Tensor) -> torch.Tensor:
         return self.fit(states).transform(states)
 
+    def to(self, device: torch.device | str) -> LearnedObservable:
+        """Move psi and its standardisation to ``device``, in place as ``nn.Module.to``: a
+        hybrid that moves takes its psi along, so psi runs where the states are."""
+        check_is_fitted(self, "psi_")
+        self.psi_.to(device)
+        self.mean_, self.std_ = self.mean_.to(device), self.std_.to(device)
+        return self
+
     def readout(self, n_out: int | None = None) -> torch.Tensor:
         """Selection of the newest state's first ``n_out`` neurons, on psi's device.
         Shape: [n_out, D]."""
