@@ -72,7 +72,7 @@ from koopnet.depth_states import (
 )
 from koopnet.distributed import is_distributed, sharded_statistics
 from koopnet.dmd import DMD
-from koopnet.learned import LearnedObservable
+from koopnet.learned import LearnedObservable, PsiFollowsDevice
 from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.spec import FitSpec
@@ -159,7 +159,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-class DepthHybrid(nn.Module):
+class DepthHybrid(PsiFollowsDevice, nn.Module):
     """A copy of ``model`` whose blocks h..end are replaced by one linear map (h = delays).
 
     Calling it runs the model as usual, except that blocks[0..h-1] run and record their
@@ -218,14 +218,6 @@ class DepthHybrid(nn.Module):
     @property
     def rank_(self) -> int:
         return self.dmd_.rank_
-
-    def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()`` and ``.cpu()`` move the buffers; a learned observable's psi,
-        which is not a submodule, follows the map to its device."""
-        super()._apply(fn, recurse)
-        if isinstance(self.observable, LearnedObservable):
-            self.observable.to(self.linear_map.device)
-        return self
 
     def forward(self, *args, **kwargs):
         self._buffer.clear()

@@ -27,14 +27,14 @@ from torch import nn
 from koopnet._checks import check_delays, check_int, check_is_fitted, check_width_preserving
 from koopnet.dmd import DMD
 from koopnet.fold import Cast, DelayWindow, LearnedLift, linear_layers, window_map
-from koopnet.learned import LearnedObservable
+from koopnet.learned import LearnedObservable, PsiFollowsDevice
 from koopnet.models import model_device
 from koopnet.observables import TimeDelay
 from koopnet.scaling import ScaledMLP
 from koopnet.trajectories import PAD_VALUE
 
 
-class KoopmanHybrid(nn.Module):
+class KoopmanHybrid(PsiFollowsDevice, nn.Module):
     """Scaled network with steps h+1..T-1 of its trajectory replaced by a fitted linear operator.
 
     Build one with :meth:`from_dmd` (from a scaled network and a fitted DMD); the constructor
@@ -145,14 +145,6 @@ class KoopmanHybrid(nn.Module):
         states = torch.stack(states, dim=1)  # [B, h+1, W]
         pad = self.observable.n_features_in_ - states.shape[2]
         return nn.functional.pad(states, (0, pad), value=self.pad_value) if pad else states
-
-    def _apply(self, fn, recurse=True):
-        """``.to()``, ``.cuda()`` and ``.cpu()`` move the buffers; a learned observable's psi,
-        which is not a submodule, follows the map to its device."""
-        super()._apply(fn, recurse)
-        if isinstance(self.observable, LearnedObservable):
-            self.observable.to(self.linear_map.device)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_states(self.prefix_states(x))

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from koopnet._checks import as_tensor, check_choice, check_float, check_int, check_is_fitted
 from koopnet.observables import TimeDelay
 
-__all__ = ["ACTIVATIONS", "ENCODER_INPUTS", "MAX_LATENT_RATIO", "LearnedObservable"]
+__all__ = ["ACTIVATIONS", "ENCODER_INPUTS", "MAX_LATENT_RATIO", "LearnedObservable",
+           "PsiFollowsDevice"]
 
 #: the most latent dimensions per neuron of the layer (see the module docs)
 MAX_LATENT_RATIO = 4
@@ -279,3 +280,18 @@ class LearnedObservable:
                 f"hidden={self.hidden}, activation={self.activation!r}, "
                 f"encoder_input={self.encoder_input!r}, "
                 f"constant={self.constant}, n_steps={self.n_steps}, seed={self.seed})")
+
+
+class PsiFollowsDevice:
+    """Mixin for a hybrid module holding ``observable`` and a ``linear_map`` buffer: ``.to()``,
+    ``.cuda()`` and ``.cpu()`` move the buffers, and a learned observable's psi, which is not
+    a submodule, follows the map to its device."""
+
+    observable: object
+    linear_map: torch.Tensor
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if isinstance(self.observable, LearnedObservable):
+            self.observable.to(self.linear_map.device)
+        return self
