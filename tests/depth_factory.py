@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -62,3 +66,15 @@ def make_failing(**_) -> nn.Module:
 
 
 NOT_CALLABLE = 42
+
+
+def write_tiny(folder: Path, *, seed: int, n: int) -> dict:
+    """A seeded tiny classifier and inputs X [n, 4], saved as folder/w.safetensors and
+    folder/X.npy (the files the depth CLI reads); returns the paths and the objects."""
+    torch.manual_seed(seed)
+    model = make_tiny().eval()
+    X = torch.randn(n, 4)
+    safetensors.torch.save_file(model.state_dict(), folder / "w.safetensors")
+    np.save(folder / "X.npy", X.numpy())
+    return {"dir": folder, "model": model, "X_t": X, "W": str(folder / "w.safetensors"),
+            "X": str(folder / "X.npy")}

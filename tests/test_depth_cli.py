@@ -36,19 +36,14 @@ def files(tmp_path_factory):
     """weights W (depth 4, width 6), inputs X [64, 4], labels y (the model's, 8 flipped)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(HERE))
-        from depth_factory import make_tiny
+        from depth_factory import write_tiny
     folder = tmp_path_factory.mktemp("depth_files")
-    torch.manual_seed(1)
-    model = make_tiny().eval()
-    X = torch.randn(64, 4)
+    files = write_tiny(folder, seed=1, n=64)
     with torch.no_grad():
-        y = model(X).argmax(1)
+        y = files["model"](files["X_t"]).argmax(1)
     y[:8] = (y[:8] + 1) % 3
-    safetensors.torch.save_file(model.state_dict(), folder / "w.safetensors")
-    np.save(folder / "X.npy", X.numpy())
     np.save(folder / "y.npy", y.numpy())
-    return {"dir": folder, "W": str(folder / "w.safetensors"), "X": str(folder / "X.npy"),
-            "y": str(folder / "y.npy"), "model": model, "X_t": X, "y_t": y}
+    return {**files, "y": str(folder / "y.npy"), "y_t": y}
 
 
 def _fit_args(files, out, *extra, factory="depth_factory:make_tiny"):

@@ -12,7 +12,6 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -44,15 +43,8 @@ def files(tmp_path_factory):
     """The tiny residual classifier, its weights file W and inputs X [96, 4]."""
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(HERE))
-        from depth_factory import make_tiny
-    folder = tmp_path_factory.mktemp("depth_learned")
-    torch.manual_seed(3)
-    model = make_tiny().eval()
-    X = torch.randn(96, 4)
-    safetensors.torch.save_file(model.state_dict(), folder / "w.safetensors")
-    np.save(folder / "X.npy", X.numpy())
-    return {"model": model, "X_t": X, "W": str(folder / "w.safetensors"),
-            "X": str(folder / "X.npy")}
+        from depth_factory import write_tiny
+    return write_tiny(tmp_path_factory.mktemp("depth_learned"), seed=3, n=96)
 
 
 @pytest.mark.parametrize(("n_delays", "constant"), [(0, False), (1, True), (2, False)])
