@@ -28,47 +28,37 @@ def _gaussians(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centres[y] + 0.7 * torch.randn(n, 3, generator=g, dtype=torch.float64), y
 
 
-def _toy(*, constant: bool = False) -> KoopmanHybrid:
-    """A float64 hybrid linear up to its tail: Linear head, identity roll-out, delay-0 lifting
-    (with the constant feature when asked, then a tail that starts with a ReLU)."""
-    torch.manual_seed(0)
-    observable = TimeDelay(0, constant=constant).fit(torch.zeros(1, 1, WIDTH))
-    D = observable.n_output_features_
-    eye = torch.eye(D, dtype=torch.float64)
-    readout = observable.readout(WIDTH).to(torch.float64)
-    head = nn.Linear(3, WIDTH).double()
-    tail = nn.Sequential(*([nn.ReLU()] if constant else []), nn.Linear(WIDTH, 3)).double()
-    X, y = _gaussians(600, 1)
-    with torch.no_grad():  # a tail that classifies the toy: least squares on one-hot targets
-        features = torch.cat([head(X), torch.ones(len(X), 1, dtype=torch.float64)], 1)
-        if constant:
-            features[:, :-1] = features[:, :-1].relu()
-        coef = torch.linalg.lstsq(features, nn.functional.one_hot(y).double()).solution
-        tail[-1].weight.copy_(coef[:-1].T)
-        tail[-1].bias.copy_(coef[-1])
-    return KoopmanHybrid(head, nn.Sequential(), tail, observable, basis=eye, operator=eye.clone(),
-                         readout=readout, linear_map=readout.clone(), width=WIDTH,
-                         linear_steps=1).eval()
-
-
-def _tanh_toy(width: int = 8) -> KoopmanHybrid:
-    """As :func:`_toy` with a Tanh after the head: the lifted state spans ``width`` directions
-    (the plain toy's spans 3), room for an edit that must keep two classes apart."""
-    torch.manual_seed(0)
-    observable = TimeDelay(0).fit(torch.zeros(1, 1, width))
+def _toy_hybrid(head: nn.Module, width: int, *, constant: bool = False) -> KoopmanHybrid:
+    """A float64 hybrid linear up to its tail: ``head`` [3 -> width], identity roll-out, delay-0
+    lifting (with the constant feature when asked, then a tail that starts with a ReLU), and a
+    tail whose last Linear classifies the toy (least squares on one-hot targets)."""
+    observable = TimeDelay(0, constant=constant).fit(torch.zeros(1, 1, width))
     eye = torch.eye(observable.n_output_features_, dtype=torch.float64)
     readout = observable.readout(width).to(torch.float64)
-    head = nn.Sequential(nn.Linear(3, width), nn.Tanh()).double()
-    tail = nn.Sequential(nn.Linear(width, 3)).double()
+    tail = nn.Sequential(*([nn.ReLU()] if constant else []), nn.Linear(width, 3)).double()
     X, y = _gaussians(600, 1)
     with torch.no_grad():
-        features = torch.cat([head(X), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+        features = tail[:-1](head(X))
+        features = torch.cat([features, torch.ones(len(X), 1, dtype=torch.float64)], 1)
         coef = torch.linalg.lstsq(features, nn.functional.one_hot(y).double()).solution
         tail[-1].weight.copy_(coef[:-1].T)
         tail[-1].bias.copy_(coef[-1])
     return KoopmanHybrid(head, nn.Sequential(), tail, observable, basis=eye, operator=eye.clone(),
                          readout=readout, linear_map=readout.clone(), width=width,
                          linear_steps=1).eval()
+
+
+def _toy(*, constant: bool = False) -> KoopmanHybrid:
+    """The toy with a Linear head (its lifted state spans 3 directions)."""
+    torch.manual_seed(0)
+    return _toy_hybrid(nn.Linear(3, WIDTH).double(), WIDTH, constant=constant)
+
+
+def _tanh_toy(width: int = 8) -> KoopmanHybrid:
+    """As :func:`_toy` with a Tanh after the head: the lifted state spans ``width`` directions,
+    room for an edit that must keep two classes apart."""
+    torch.manual_seed(0)
+    return _toy_hybrid(nn.Sequential(nn.Linear(3, width), nn.Tanh()).double(), width)
 
 
 def _probe_recovery(net, X, y, Xt, yt, c: int) -> float:

@@ -39,7 +39,8 @@ from koopnet.models import TrainConfig, accuracy, model_device
 from koopnet.observables import TimeDelay, snapshot_pairs
 
 __all__ = ["AffineMap", "ResidualBlock", "ResidualMLP", "affine_fit", "block_names",
-           "linearity_profile", "replace_span", "sweep_spans", "train_residual"]
+           "lifting_parts", "linearity_profile", "replace_span", "sweep_spans",
+           "train_residual"]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -184,14 +185,23 @@ LIFTING = {"activation": "gelu", "encoder_input": "state", "constant": True,
            "n_steps": 600, "batch_size": 2048, "lr": 3e-3}
 
 
-def _lifting(states, h, ratio: int, seed: int, n_steps: int):
-    """Learned lifting of s_h..s_T and the pair statistics of its lifted trajectories."""
+def lifting_parts(states, h: int, *, latent: int, hidden: int, seed: int, n_steps: int,
+                  training: dict = LIFTING):
+    """A learned lifting of s_h..s_T (psi reads the newest state, trained with ``training``'s
+    settings) and the pair statistics of its lifted trajectories, which every Tikhonov value's
+    DMD refits from. Shape: states [N, T+1, W]."""
     sub = states[:, h:]  # [N, T - h + 1, W]
-    width = sub.shape[2]
-    observable = LearnedObservable(0, latent_dims=ratio * width, hidden=width, seed=seed,
-                                   **{**LIFTING, "n_steps": n_steps}).fit(sub)
+    observable = LearnedObservable(0, latent_dims=latent, hidden=hidden, seed=seed,
+                                   **{**training, "n_steps": n_steps}).fit(sub)
     X, Y = snapshot_pairs(observable.transform(sub.to(torch.float64)))
     return observable, PairStatistics.from_pairs(X, Y)
+
+
+def _lifting(states, h, ratio: int, seed: int, n_steps: int):
+    """The residual MLP's lifting: psi W -> W -> ratio W (one block's work at ratio 1)."""
+    width = states.shape[2]
+    return lifting_parts(states, h, latent=ratio * width, hidden=width, seed=seed,
+                         n_steps=n_steps)
 
 
 def _lifted_hybrid(model, names, h: int, observable, stats, tikhonov: float) -> DepthHybrid:

@@ -36,8 +36,13 @@ from torch import nn
 
 from koopnet.depth import DepthHybrid
 from koopnet.dmd import DMD, PairStatistics
-from koopnet.lab.residual import AffineMap, affine_fit, block_names, replace_span
-from koopnet.learned import LearnedObservable
+from koopnet.lab.residual import (
+    AffineMap,
+    affine_fit,
+    block_names,
+    lifting_parts,
+    replace_span,
+)
 from koopnet.observables import TimeDelay, snapshot_pairs
 
 __all__ = ["LIFTING", "FlatAffine", "ViT", "block_macs", "build_replacement",
@@ -232,13 +237,10 @@ def _predict_dmd(observable, linear_map, rows: torch.Tensor, h: int, d: int) -> 
 
 
 def _lifting_parts(rows: torch.Tensor, h: int, settings: dict):
-    """Learned lifting of s_h..s_T (flattened rows [N, T+1, W]) and its lifted pair statistics."""
-    sub = rows[:, h:]
-    observable = LearnedObservable(
-        0, latent_dims=settings["lifting_latent"], hidden=settings["lifting_hidden"],
-        n_steps=settings["lifting_steps"], seed=settings["lifting_seed"], **LIFTING).fit(sub)
-    X, Y = snapshot_pairs(observable.transform(sub.to(torch.float64)))
-    return observable, PairStatistics.from_pairs(X, Y)
+    """The flattened lifting a row's settings describe (rows [N, T+1, W])."""
+    return lifting_parts(rows, h, latent=settings["lifting_latent"],
+                         hidden=settings["lifting_hidden"], seed=settings["lifting_seed"],
+                         n_steps=settings["lifting_steps"], training=LIFTING)
 
 
 @torch.no_grad()
