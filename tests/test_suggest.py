@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from koopnet.cli.main import main
 from koopnet.lab.predict import (
     BUILTIN_CALIBRATION,
+    BUILTIN_CALIBRATIONS,
     calibrated_threshold,
     drop_scores,
     layer_cells,
@@ -211,3 +213,14 @@ def test_a_setting_added_after_the_run_must_hold_its_default():
         "lr": 0.1, "schedule": "cosine"}}, default)  # a new setting that changes the run
     assert not _agrees({"a": 2, "base": {"lr": 0.2}}, current, default)
     assert not _agrees({"a": 2, "old": 1, "base": {"lr": 0.1}}, current, default)
+
+
+def test_builtin_calibrations_are_the_committed_measurements():
+    """The thresholds written into koopnet.lab.predict are those benchmarks/predict_drop.py
+    measured (its results file), not numbers typed in beside them."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results/predict_drop.json"
+    measured = json.loads(results.read_text())["builtin_thresholds"]
+    assert set(measured) == set(BUILTIN_CALIBRATIONS)
+    for score, calibration in BUILTIN_CALIBRATIONS.items():
+        assert calibration["score"] == score
+        assert {float(k): v for k, v in measured[score].items()} == calibration["thresholds"]
