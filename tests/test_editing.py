@@ -144,10 +144,16 @@ def test_depth_hybrid_edits_keep_its_dmd_consistent():
     hybrid = linearize_depth(model, [str(i) for i in range(1, 6)], torch.randn(200, 2),
                              n_delays=1)
     old = hybrid.linear_map.clone()
+    old_operator, old_modes = hybrid.dmd_.operator_.clone(), hybrid.dmd_.modes_.clone()
     eigenvalues = spectrum(hybrid)[0]
     edited = edit_modes(hybrid, remove=int(eigenvalues.abs().argmin()))
     assert isinstance(edited, DepthHybrid)
     assert torch.equal(hybrid.linear_map, old)
+    assert torch.equal(hybrid.dmd_.operator_, old_operator)
+    assert torch.equal(hybrid.dmd_.modes_, old_modes)
+    assert len(_sorted(edited.dmd_.eigenvalues_)) == len(eigenvalues)
+    torch.testing.assert_close(edited.dmd_.eigenvalues_.abs().min(),
+                               torch.tensor(0.0, dtype=torch.float64), rtol=0, atol=1e-10)
     readout = hybrid.observable.readout(hybrid.observable.n_features_in_)
     torch.testing.assert_close(edited.dmd_.transition(edited.linear_steps, readout),
                                edited.linear_map, rtol=0, atol=1e-10)

@@ -19,6 +19,7 @@ S / (S^2 + lambda) with lambda = tikhonov * S_max^2 (scale free).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -197,6 +198,16 @@ class DMD:
         self._projected, self._eig, self.tikhonov_ = projected, None, float(tikhonov_)
         self.rank_, self.n_pairs_, self.n_features_in_ = R, int(n_pairs), D
         return self
+
+    def edited(self, operator: torch.Tensor, step: torch.Tensor | None = None) -> DMD:
+        """A copy holding an edited reduced operator (see :mod:`koopnet.editing`); self is
+        untouched. With ``step`` E, the edit A' = A E also carries the exact modes' projection
+        (Y^T U S^-1 E) so ``modes_`` stay those of A'. Shape: operator [R, R], step [R, R]."""
+        check_is_fitted(self, "operator_")
+        projected = self._projected if step is None else self._projected @ step.to(self.dtype)
+        return copy.copy(self).restore(
+            basis=self.basis_, singular_values=self.singular_values_, projected=projected,
+            operator=operator.to(self.dtype), tikhonov_=self.tikhonov_, n_pairs=self.n_pairs_)
 
     # The eigendecomposition is computed on first access and cached: a general eig of a
     # 2817 x 2817 operator takes ~35 s on 2 cores, while a hyper-parameter sweep only needs

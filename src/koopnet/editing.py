@@ -76,16 +76,10 @@ def _with_buffers(hybrid, operator: torch.Tensor, linear_map: torch.Tensor,
     else:
         predict = new._predict
         predict.linear_map = linear_map.to(device=device, dtype=predict.linear_map.dtype)
-    dmd = new.dmd_
-    if dmd is not None and step is not None:
-        dmd.operator_ = operator.to(dmd.dtype)
-        dmd._projected = dmd._projected @ step.to(dmd.dtype)
-        dmd._eig = None
-    elif dmd is not None and isinstance(new, KoopmanHybrid):
+    if new.dmd_ is not None and step is None and isinstance(new, KoopmanHybrid):
         new.dmd_ = None
-    elif dmd is not None:  # a DepthHybrid needs its DMD (rank_): keep the edited operator
-        dmd = new.dmd_ = copy.copy(dmd)
-        dmd.operator_, dmd._eig = operator.to(dmd.dtype), None
+    elif new.dmd_ is not None:  # a DepthHybrid needs its DMD (rank_) even after other edits
+        new.dmd_ = new.dmd_.edited(operator, step)
     return new
 
 
