@@ -159,9 +159,14 @@ class LearnedObservable:
         self.latent_dims_ = self._sizes(width)[2]
         self.psi_ = psi.requires_grad_(False).eval()
         self.mean_, self.std_ = mean, std
-        self.n_output_features_ = width * (self.n_delays_ + 1) + self.latent_dims_ + int(
-            self.constant)
+        self.n_output_features_ = self.lifted_width(width)
         return self
+
+    def lifted_width(self, width: int) -> int:
+        """Lifted features (delays, psi's r outputs, constant) of states ``width`` wide, known
+        before any fit (rank checks)."""
+        h = check_int(self.n_delays, "n_delays", low=0)
+        return width * (h + 1) + self._sizes(width)[2] + int(self.constant)
 
     def _check_training(self) -> None:
         check_int(self.n_steps, "n_steps", low=0)

@@ -180,9 +180,7 @@ def _check_spec(spec: FitSpec, n_states: int, width: int, n_samples: int,
     if not isinstance(spec, FitSpec):
         raise TypeError(f"spec must be a koopnet.FitSpec; got {type(spec).__name__}.")
     check_delays(spec.n_delays, n_states, fix=fix)
-    D = width * (spec.n_delays + 1) + int(spec.constant)
-    if spec.observable_kind == "learned":  # psi's r outputs are lifted features too
-        D += width if spec.latent_dims is None else spec.latent_dims
+    D = spec.observable().lifted_width(width)
     if spec.pairing == "concatenated":
         pairs = n_samples * n_states - spec.n_delays - 1
     else:

@@ -41,8 +41,12 @@ class TimeDelay:
         self.n_delays_ = check_int(self.n_delays, "n_delays", low=0)
         states = as_tensor(states, "states", ndim=3)
         self.n_features_in_, self.device_ = states.shape[2], states.device
-        self.n_output_features_ = self.n_features_in_ * (self.n_delays_ + 1) + int(self.constant)
+        self.n_output_features_ = self.lifted_width(self.n_features_in_)
         return self
+
+    def lifted_width(self, width: int) -> int:
+        """Lifted features of states ``width`` wide, known before any fit (rank checks)."""
+        return width * (check_int(self.n_delays, "n_delays", low=0) + 1) + int(self.constant)
 
     def transform(self, states: torch.Tensor) -> torch.Tensor:
         check_is_fitted(self, "n_features_in_")
