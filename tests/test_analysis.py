@@ -150,6 +150,9 @@ def test_study_quick_writes_tables_figures_and_rerenders(tmp_path):
                            "learned"}
     for row in results["comparison"]:
         assert row["linear_steps"] + row["nonlinear_blocks"] == 11
+        # the held-out error of every predicted state, and the chosen K's spectrum
+        assert len(row["state_errors"]) == row["linear_steps"]
+        assert all(e >= 0 for e in row["state_errors"]) and row["spectral_radius"] >= 0
     methods = {r["method"] for r in results["baselines"]}
     assert {"ridge", "reduced-rank ridge", "jacobian at mean", "original network",
             "softmax regression on inputs", "scaled network"} <= methods
@@ -160,6 +163,7 @@ def test_study_quick_writes_tables_figures_and_rerenders(tmp_path):
     for name in results["study"]["figures"]:
         assert f"]({name})" in report and (out / name).stat().st_size > 5_000
     assert "### Which method wins where" in report and "## Ablations" in report
+    assert "| max abs lambda | state errors |" in report
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == report

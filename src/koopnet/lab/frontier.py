@@ -35,10 +35,15 @@ def frontier(rows: list[dict], originals: dict, tolerance: float = TOLERANCE) ->
     out = []
     for (layer, steps), picks in sorted(chosen.items()):
         test = sum(r["test_accuracy"] for r in picks) / len(picks)
-        out.append({"layer": layer, "linear_steps": steps, "test_accuracy": test,
-                    "drop": original - test, "within": original - test <= tolerance,
-                    "methods": sorted({r.get("observable", "delay") for r in picks}),
-                    "seeds": len(picks)})
+        entry = {"layer": layer, "linear_steps": steps, "test_accuracy": test,
+                 "drop": original - test, "within": original - test <= tolerance,
+                 "methods": sorted({r.get("observable", "delay") for r in picks}),
+                 "seeds": len(picks)}
+        if all("state_errors" in r for r in picks):  # study rows: mean over the seeds' picks
+            entry["state_errors"] = [sum(e) / len(picks)
+                                     for e in zip(*(r["state_errors"] for r in picks), strict=True)]
+            entry["spectral_radius"] = sum(r["spectral_radius"] for r in picks) / len(picks)
+        out.append(entry)
     return out
 
 
@@ -65,16 +70,24 @@ def frontier_section(results: dict) -> list[str]:
     else:
         return []
     entries = frontier(rows, originals)
+    errors = all("state_errors" in e for e in entries)
     lines = ["## Frontier: accuracy against linear steps", "",
              "At each number of linear steps, the row chosen on validation among every method "
              "and setting (per seed); test accuracy mean over seeds; drop from the original "
-             "network in points.", "",
-             "| layer | linear steps | chosen | test % | drop | within 0.5 |",
-             "|---|---|---|---|---|---|"]
+             "network in points."
+             + (" max |lambda|: the chosen K's spectral radius; state errors: the held-out "
+                "(test) relative error ||S_hat_t - S_t|| / ||S_t|| of every state the roll-out "
+                "predicts, first to last (the last is the replaced layer's output); both mean "
+                "over seeds." if errors else ""), "",
+             "| layer | linear steps | chosen | test % | drop | within 0.5 |"
+             + (" max abs lambda | state errors |" if errors else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if errors else "")]
     for e in entries:
+        extra = (f" {e['spectral_radius']:.3f} | "
+                 + " ".join(f"{x:.2g}" for x in e["state_errors"]) + " |") if errors else ""
         lines.append(f"| {e['layer']} | {e['linear_steps']} | {', '.join(e['methods'])} | "
                      f"{100 * e['test_accuracy']:.2f} | {100 * e['drop']:+.2f} | "
-                     f"{'yes' if e['within'] else 'no'} |")
+                     f"{'yes' if e['within'] else 'no'} |" + extra)
     depth = linear_depth(entries)
     lines += ["", "**Linear depth at 0.5 point** (largest number of linear steps within 0.5 "
               "point of the original): " + "; ".join(

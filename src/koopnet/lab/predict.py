@@ -142,6 +142,30 @@ def rollout_errors(train_states, val_states, h: int, *, constant: bool = True,
     return target, observable.transform(val)[:, 0] @ step.T - target  # [B', out] each
 
 
+def state_errors(observable, dmd: DMD, states: torch.Tensor, h: int, width: int,
+                 out_width: int) -> list[float]:
+    """Held-out relative error ||S_hat_t - S_t||_F / ||S_t||_F of every state a hybrid's
+    roll-out from s_h predicts, t = h+1..T-1 (S_t: state t of all samples), so a K that only
+    gets the last state right (a memorised end) shows in the states before it.
+
+    ``observable`` and ``dmd`` are fitted (any dictionary whose ``readout`` returns the state);
+    ``width``/``out_width``: real widths of the inserted states and of the last one (the rest
+    is padding). Shape: states [B, T, W] -> T-1-h errors.
+    """
+    T = states.shape[1]
+    first = h - observable.n_delays_  # a dictionary without delays lifts s_h alone
+    lifted = observable.transform(states[:, first:h + 1])[:, -1]  # [B, D]
+    readout = observable.readout(states.shape[2])  # [W, D]
+    errors = []
+    for t in range(h + 1, T):
+        w = out_width if t == T - 1 else width
+        step = dmd.transition(t - h, readout)[:w]  # [w, D]
+        true = states[:, t, :w].to(step.dtype)  # [B, w]
+        error = lifted.to(step.dtype) @ step.T - true
+        errors.append(float(error.norm() / true.norm().clamp_min(1e-12)))
+    return errors
+
+
 def _jacobian_product(tail: torch.nn.Module, target: torch.Tensor, error: torch.Tensor):
     """tail(s) and J(s) e per sample, by one backward pass per class (the samples of an eval-mode
     tail do not interact). Shape: target [B, w], error [B, w] -> (logits, change), each [B, C]."""

@@ -35,6 +35,7 @@ from koopnet.lab.baselines import (
     ridge_baseline,
     softmax_floor,
 )
+from koopnet.lab.predict import state_errors
 from koopnet.lab.protocols import (
     data_on,
     load_protocol_data,
@@ -151,7 +152,10 @@ def compare_layer(scaled, train_states, states, labels, delays, config: StudyCon
                     key = (row["val_accuracy"], -row["rank_resolved"])
                     if best is None or key > best[0]:
                         best = (key, row, (observable, dmd))
-        if best is not None:
+        if best is not None:  # what the chosen K predicts at every step, and its spectrum
+            best[1]["state_errors"] = state_errors(*best[2], states["test"], h, scaled.width,
+                                                   scaled.out_width)
+            best[1]["spectral_radius"] = float(best[2][1].eigenvalues_.abs().max())
             rows.append(best[1])
             fits[(name, h)] = best[2]
     return rows, fits
