@@ -4,8 +4,9 @@ Two protocols (paper-method sections 2, 6, 9, 11):
 
 - ``clean`` (default): base model and scaling trained on the training split, DMD fitted on
   trajectories of training inputs with windows inside each trajectory, the number of delays,
-  rank, Tikhonov value and constant observable selected on a validation split; the test split
-  has its own seed and only reports the selected row.
+  rank, Tikhonov value and constant observable (and, with ``ExperimentConfig.observables``,
+  delay or learned observables: :mod:`koopnet.lab.learned_rows`) selected on a validation
+  split; the test split has its own seed and only reports the selected row.
 - ``paper``: the paper's sets and seeds (base on 2k seed 42, scaling on 2k seed 123, a 20k
   seed-123 trajectory pool split 10k/10k, the hybrid tested on the first 4k seed-123 points,
   which overlap the pool), He-normal inserts, concatenated-series DMD at full rank. The paper
@@ -39,6 +40,7 @@ from koopnet.io.datasets import (
     yinyang_splits,
 )
 from koopnet.lab.devices import device_record
+from koopnet.lab.learned_rows import check_learned, learned_fits
 from koopnet.lab.recipes import ExperimentConfig
 from koopnet.models import accuracy, build_mlp, train_classifier
 from koopnet.observables import TimeDelay
@@ -195,10 +197,12 @@ def result_row(hybrid: KoopmanHybrid, spec: FitSpec, scores: dict[str, float], *
 
 def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
                 progress: bool) -> tuple[list[dict], dict]:
-    """Fit a DMD for every (trajectories, h, constant, rank, tikhonov) and score each hybrid.
+    """Fit a DMD for every (observable, trajectories, h, constant, rank, tikhonov) and score
+    each hybrid; the observables are ``config.observables`` (learned ones: see
+    :mod:`koopnet.lab.learned_rows`).
 
     Scoring reuses one collected trajectory per evaluation set: ``forward_states`` only needs
-    the states s_0..s_h. Returns the rows and the fitted DMD of each row by index.
+    the states s_0..s_h. Returns the rows and the (DMD, hybrid) of each row by index.
     """
     train = collect_trajectories(scaled, data.trajectories.X)
     sets = {"val": data.val, "test": data.test}
@@ -206,7 +210,25 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
         sets["held_out"] = data.held_out
     states = {k: collect_trajectories(scaled, v.X).states for k, v in sets.items()}
     labels = {k: v.y for k, v in sets.items()}
+    sources = []
+    if "delay" in config.observables:
+        sources.append(("delay", _delay_fits(config, scaled, train, progress)))
+    if "learned" in config.observables:  # psi is trained on every training trajectory
+        sources.append(("learned", ((*fit, len(train)) for fit in learned_fits(
+            config, scaled, train.states, progress))))
     rows, fits = [], {}
+    for name, source in sources:
+        for spec, dmd, hybrid, m in source:
+            row = result_row(hybrid, spec, score_states(hybrid, states, labels),
+                             observable=name, trajectories=m)
+            fits[len(rows)] = (dmd, hybrid)
+            rows.append(row)
+    return rows, fits
+
+
+def _delay_fits(config: ExperimentConfig, scaled: ScaledMLP, train, progress: bool):
+    """(spec, fitted DMD, hybrid, trajectories M) of every delay-DMD row of the grid, in the
+    sweep's order; pairs inside each trajectory (clean) or the paper's concatenated series."""
     # M larger than the pool (tiny IDX sets) is recorded as the count actually used.
     counts = sorted({min(m, len(train)) for m in config.trajectory_counts or [len(train)]})
     grid = [(m, h, c) for m in counts for h in config.delays for c in config.constants
@@ -244,11 +266,7 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
                     log.info("skipping layer %d h=%d rank=%s: %s", scaled.layer, h, rank, err)
                     continue
                 hybrid = KoopmanHybrid.from_dmd(scaled, observable, dmd)
-                row = result_row(hybrid, spec.replace(rank=rank),
-                                 score_states(hybrid, states, labels), trajectories=m)
-                fits[len(rows)] = (dmd, hybrid)
-                rows.append(row)
-    return rows, fits
+                yield spec.replace(rank=rank), dmd, hybrid, m
 
 
 def _paper_rank(rank, shape: tuple[int, int]):
@@ -282,6 +300,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     # record the widths actually trained: an idx:PATH set brings its own input and class counts
     config = dataclasses.replace(
         config, widths=(data.n_features, *config.widths[1:-1], data.n_classes))
+    check_learned(config)
 
     clock = time.perf_counter()
     model = train_base(config, data, progress)

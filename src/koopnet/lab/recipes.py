@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from koopnet._checks import check_choice
+from koopnet._checks import check_choice, check_int
 from koopnet.models import TrainConfig
 from koopnet.scaling import DEFAULT_SCALING
 
@@ -50,6 +50,9 @@ RESMLP_MNIST_QUICK = dataclasses.replace(RESMLP_MNIST_RECIPE, epochs=1)
 
 DATASETS = ("yinyang", "yinyang3", "mnist")
 PROTOCOLS = ("clean", "paper")
+#: observables the clean protocol's sweep can fit: delay coordinates (the paper's) and delay
+#: coordinates plus a learned encoder psi (:class:`koopnet.learned.LearnedObservable`)
+OBSERVABLES = ("delay", "learned")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,20 @@ class ExperimentConfig:
     # uses it; the paper protocol keeps the projected one, as PyKoopman does.
     exact_rollout: bool = False
     scaling_subset: int | None = None  # train the inserted blocks on the first n of them
+    # the sweep's observables, all chosen among on validation (clean protocol; see OBSERVABLES)
+    observables: tuple[str, ...] = ("delay",)
+    # learned observable (as koopnet study's): latent dims (None: the layer width), Adam steps;
+    # psi is seeded with the run's seed
+    learned_latent: int | None = None
+    learned_steps: int = 300
+
+    def __post_init__(self) -> None:
+        # frozen: the normalised tuple is written through object.__setattr__
+        object.__setattr__(self, "observables", check_observables(self.observables,
+                                                                  self.protocol))
+        if self.learned_latent is not None:
+            check_int(self.learned_latent, "learned_latent", low=1)
+        check_int(self.learned_steps, "learned_steps", low=0)
 
     @property
     def pairing(self) -> str:
@@ -92,19 +109,38 @@ class ExperimentConfig:
         return "concatenated" if self.protocol == "paper" else "trajectory"
 
 
+def check_observables(observables, protocol: str) -> tuple[str, ...]:
+    """A non-empty tuple of distinct names from ``OBSERVABLES``; the paper protocol keeps the
+    paper's delay DMD only."""
+    names = tuple(observables) if isinstance(observables, (tuple, list)) else (observables,)
+    unknown = [n for n in names if n not in OBSERVABLES]
+    if not names or unknown or len(set(names)) < len(names):
+        raise ValueError(f"observables={names!r} must be distinct names among {OBSERVABLES}, "
+                         "at least one (for example ('delay', 'learned')).")
+    if protocol == "paper" and names != ("delay",):
+        raise ValueError(f"observables={names!r}: the paper protocol fits the paper's delay DMD "
+                         "only; use protocol 'clean' for learned observables, or leave "
+                         "observables out.")
+    return names
+
+
 def _is_idx(dataset: str) -> bool:
     return dataset == "mnist" or dataset.startswith("idx:")
 
 
 def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
-                   quick: bool = False, data_dir: str | None = None) -> ExperimentConfig:
-    """The recipe for a data set and protocol; ``quick`` shrinks it to a smoke test."""
+                   quick: bool = False, data_dir: str | None = None,
+                   observables: tuple[str, ...] = ("delay",)) -> ExperimentConfig:
+    """The recipe for a data set and protocol; ``quick`` shrinks it to a smoke test.
+    ``observables``: the sweep's dictionaries (see ``OBSERVABLES``; clean protocol only)."""
     check_choice(protocol, "protocol", PROTOCOLS)
+    observables = check_observables(observables, protocol)
     if dataset not in DATASETS and not dataset.startswith("idx:"):
         raise ValueError(f"unknown dataset {dataset!r}; use yinyang, yinyang3, mnist or "
                          "idx:PATH.")
     config = ExperimentConfig(dataset=dataset, protocol=protocol, seed=seed,
-                              exact_rollout=protocol == "clean", data_dir=data_dir)
+                              exact_rollout=protocol == "clean", data_dir=data_dir,
+                              observables=observables)
     r = dataclasses.replace
     if _is_idx(dataset):
         config = r(config, widths=(784, 256, 128, 64, 32, 10), base=MNIST_RECIPE,
@@ -129,6 +165,8 @@ def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
                    ranks=config.ranks[:2], tikhonovs=config.tikhonovs[:2],
                    trajectory_counts=(config.trajectory_counts[-1:]
                                       if config.trajectory_counts else None))
+        if "learned" in observables:  # as study --quick; a delay-only run keeps its recipe
+            config = r(config, learned_steps=30)
     if _is_idx(dataset):
         config = _idx_defaults(config, quick)
     return config

@@ -56,8 +56,15 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
 
-def _setting(row: dict) -> str:
-    return (f"h={row['n_delays']}, rank={row['rank']} (→{row['rank_resolved']}), "
+def _several_observables(results: dict) -> bool:
+    """Whether the sweep holds rows of observables other than delay coordinates; only then do
+    settings name their observable (so a delay-only report reads as it always did)."""
+    return any(row.get("observable", "delay") != "delay" for row in results["sweep"])
+
+
+def _setting(row: dict, observable: bool = False) -> str:
+    named = f"{row.get('observable', 'delay')}, " if observable else ""
+    return (f"{named}h={row['n_delays']}, rank={row['rank']} (→{row['rank_resolved']}), "
             f"tikhonov={row['tikhonov']}, constant={row['constant']}, "
             f"M={row['trajectories']}")
 
@@ -117,7 +124,8 @@ def paper_yinyang_section(results: dict) -> list[str]:
                      _pct(saved[0]["test_accuracy"]), _pct(PAPER_YINYANG["saved_hybrid_layer1"])])
     if results.get("selected"):
         best = results["selected"]
-        rows.append([f"best hybrid (layer {best['layer']}, {_setting(best)})",
+        rows.append([f"best hybrid (layer {best['layer']}, "
+                     f"{_setting(best, _several_observables(results))})",
                      _pct(results["selected"]["test_accuracy"]),
                      _pct(PAPER_YINYANG["best_hybrid"])])
     return ["## Ours vs the paper", "",
@@ -174,35 +182,39 @@ def _selected_section(results: dict) -> list[str]:
         return []
     held = (f", held-out {_pct(selected['held_out_accuracy'])}%"
             if "held_out_accuracy" in selected else "")
+    named = _several_observables(results)
     lines = ["## Selected Koopman hybrid", "",
-             f"Layer {selected['layer']}, {_setting(selected)}: "
+             f"Layer {selected['layer']}, {_setting(selected, named)}: "
              f"{selected['linear_steps']} linear steps, {selected['nonlinear_blocks']} "
              f"inserted nonlinear blocks still run. Validation "
              f"{_pct(selected['val_accuracy'])}%, **test {_pct(selected['test_accuracy'])}%**"
              f"{held}.", ""]
     header = ["layer", "setting", "linear steps", "val %", "test %"]
-    rows = [[r["layer"], _setting(r), r["linear_steps"], _pct(r["val_accuracy"]),
+    rows = [[r["layer"], _setting(r, named), r["linear_steps"], _pct(r["val_accuracy"]),
              _pct(r["test_accuracy"])] for r in results.get("selected_per_layer", [])]
     return [*lines, "Best row per layer (chosen on validation):", "", *_table(header, rows)]
 
 
 def _delays_section(results: dict) -> list[str]:
+    named = _several_observables(results)  # then each observable has its own table rows
+    group = "(layer, observable, h, trajectories)" if named else "(layer, h, trajectories)"
     lines = ["## Hybrid accuracy by number of delays", "",
-             "Best validation row for each (layer, h, trajectories); test of that row.", ""]
+             f"Best validation row for each {group}; test of that row.", ""]
     best: dict[tuple, dict] = {}
     for row in results["sweep"]:
-        key = (row["layer"], row["trajectories"], row["n_delays"])
+        kind = (row.get("observable", "delay"),) if named else ()
+        key = (row["layer"], *kind, row["trajectories"], row["n_delays"])
         if key not in best or row["val_accuracy"] > best[key]["val_accuracy"]:
             best[key] = row
-    delays = sorted({k[2] for k in best})
+    delays = sorted({k[-1] for k in best})
     groups: dict[tuple, dict] = defaultdict(dict)
-    for (layer, m, h), row in best.items():
-        groups[(layer, m)][h] = row
+    for (*where, h), row in best.items():
+        groups[tuple(where)][h] = row
     for metric in ["val_accuracy", "test_accuracy"] + (
             ["held_out_accuracy"] if any("held_out_accuracy" in r for r in best.values()) else []):
-        header = ["layer", "M", *[f"h={h}" for h in delays]]
-        rows = [[layer, m, *[_pct(cells[h][metric]) if h in cells else "–" for h in delays]]
-                for (layer, m), cells in sorted(groups.items())]
+        header = ["layer", *(["observable"] if named else []), "M", *[f"h={h}" for h in delays]]
+        rows = [[*where, *[_pct(cells[h][metric]) if h in cells else "–" for h in delays]]
+                for where, cells in sorted(groups.items())]
         lines += [f"**{metric.replace('_', ' ')} (%)**", "", *_table(header, rows)]
     return lines
 
