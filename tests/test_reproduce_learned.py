@@ -8,6 +8,7 @@ protocol refuses learned observables.
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from koopnet.cli import main
 from koopnet.io.serialize import load_hybrid, save_hybrid
 from koopnet.lab import protocols
+from koopnet.lab.learned_rows import learned_spec
 from koopnet.lab.protocols import load_protocol_data, run_experiment, select, sweep_layer
 from koopnet.lab.recipes import ExperimentConfig, default_config
 from koopnet.learned import LearnedObservable
@@ -76,6 +78,23 @@ def test_learned_rows_cover_the_grid_and_join_the_selection(both):
     assert isinstance(hybrid.observable, kind)
     assert hybrid.rank_ == results["selected"]["rank_resolved"]
     assert results["config"]["observables"] == ["delay", "learned"]
+
+
+def test_learned_rows_count_psi_as_the_blocks_it_costs(both):
+    """Issue 11: a learned encoder is nonlinear work; its W^2-multiply-add blocks (rounded up)
+    leave the linear steps and join the nonlinear blocks."""
+    config, results, _ = both
+    width = config.widths[1]
+    for row in results["sweep"]:
+        if row["observable"] == "delay":
+            assert "encoder_blocks" not in row
+            assert row["linear_steps"] == config.n_inserted + 1 - row["n_delays"]
+            continue
+        psi = learned_spec(config, row["n_delays"], row["constant"]).observable()
+        assert row["encoder_blocks"] == math.ceil(psi.nonlinear_macs(width) / width ** 2) > 0
+        assert row["linear_steps"] == (config.n_inserted + 1 - row["n_delays"]
+                                       - row["encoder_blocks"])
+        assert row["nonlinear_blocks"] == row["n_delays"] + row["encoder_blocks"]
 
 
 def test_learned_rows_are_deterministic(both):

@@ -18,6 +18,7 @@ hybrid 2-3x slower for a rounding difference far below float32 activations' own.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections import OrderedDict
 
@@ -129,6 +130,14 @@ class KoopmanHybrid(PsiFollowsDevice, nn.Module):
     def nonlinear_blocks(self) -> int:
         """Inserted nonlinear blocks still run (the first h of the N)."""
         return self.n_blocks
+
+    @property
+    def encoder_blocks(self) -> int:
+        """A learned observable's psi in inserted blocks (W^2 multiply-adds each, rounded up):
+        nonlinear work like the blocks, so result rows count it against the linear steps
+        (issue 11). 0 for a dictionary without a trained encoder."""
+        macs = getattr(self.observable, "nonlinear_macs", None)
+        return 0 if macs is None else math.ceil(macs() / self.width ** 2)
 
     @property
     def n_replacement_parameters(self) -> int:

@@ -186,12 +186,16 @@ def result_row(hybrid: KoopmanHybrid, spec: FitSpec, scores: dict[str, float], *
     """One row of a sweep or a study: where, how it was fitted, what it costs, how it scores.
 
     The one builder of result rows, so the sweep, the study and the report read the same keys.
+    A learned encoder is nonlinear work: its cost in blocks (``encoder_blocks``) moves from the
+    linear steps to the nonlinear blocks, so a row never claims linear steps psi pays for.
     """
+    encoder = hybrid.encoder_blocks
     return {"layer": hybrid.layer, "observable": observable, "n_delays": spec.n_delays,
             "constant": spec.constant, "rank": spec.rank, "rank_resolved": hybrid.rank_,
             "tikhonov": spec.tikhonov, "pairing": spec.pairing,
-            "exact_rollout": spec.exact_rollout, "linear_steps": hybrid.linear_steps,
-            "nonlinear_blocks": hybrid.nonlinear_blocks,
+            "exact_rollout": spec.exact_rollout, "linear_steps": hybrid.linear_steps - encoder,
+            "nonlinear_blocks": hybrid.nonlinear_blocks + encoder,
+            **({"encoder_blocks": encoder} if encoder else {}),
             "replacement_parameters": hybrid.n_replacement_parameters, **extra, **scores}
 
 
