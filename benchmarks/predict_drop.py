@@ -16,12 +16,15 @@ accuracy is within 0.5 point of that one's. The built-in calibrations of ``koopn
 (seeds 0-2 together, so in-sample here) are shown too, and the thresholds they hold are
 recomputed (``builtin_thresholds``). ``exact_flip_ref`` runs the tail on the roll-out: the
 hybrid's own decisions, reported as an upper reference, never as a score.
-MNIST is not run here (a clean MNIST run takes far longer than this check's budget).
+``--dataset mnist`` does the same on clean MNIST from the cached runs of
+benchmarks/mnist_runs.py (its reduced sweep grid; the scores fit on the first ``SCORE_TRAIN``
+training trajectories, the sweep on all of them).
 
     OMP_NUM_THREADS=1 python benchmarks/predict_drop.py
     OMP_NUM_THREADS=1 python benchmarks/predict_drop.py --reuse  # report from the saved cells
+    OMP_NUM_THREADS=1 python benchmarks/predict_drop.py --dataset mnist --data-dir ../shared/data
 
-Writes benchmarks/results/predict_drop.{json,md}.
+Writes benchmarks/results/predict_drop.{json,md} (MNIST: predict_drop_mnist.{json,md}).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from koopnet.lab import protocols
+from koopnet.dmd import DMD
+from koopnet.lab import predict, protocols
 from koopnet.lab.predict import (
     BUILTIN_CALIBRATIONS,
     calibrate,
@@ -49,7 +53,14 @@ from koopnet.lab.predict import (
     sweep_fits,
 )
 from koopnet.lab.recipes import default_config
+from koopnet.observables import TimeDelay
+from koopnet.streaming import TrajectoryMoments
 from koopnet.trajectories import collect_trajectories
+
+try:  # run as a script: benchmarks/ is on the path
+    import mnist_runs
+except ImportError:  # imported as benchmarks.predict_drop
+    from benchmarks import mnist_runs
 
 HERE = Path(__file__).resolve().parent
 SEEDS = (0, 1, 2)
@@ -59,6 +70,9 @@ SCORES = ("unexplained", "residual", "rollout", "rollout_min", "flip", "flip_mar
 #: the tolerances of the built-in calibrations (lab.predict.BUILTIN_CALIBRATIONS)
 BUILTIN_TOLERANCES = (0.0025, 0.005, 0.01, 0.02, 0.05)
 ONE_FIT = {"rank": None, "constant": True, "tikhonov": 1e-6}  # drop_scores' defaults
+#: MNIST: the R^2 of ``unexplained`` is fitted on the first 10k of the 55k training trajectories
+#: (its least squares on all of them is the slow part); every DMD fit uses all 55k (gram_fits)
+SCORE_TRAIN = 10000
 
 
 def flip_reference(train, val, h: int, tail, fits: list[dict], out_width: int) -> dict:
@@ -67,6 +81,9 @@ def flip_reference(train, val, h: int, tail, fits: list[dict], out_width: int) -
     is an upper reference for what any prediction can reach, never a score."""
     tail64, exact = copy.deepcopy(tail).double(), []
     for fit in fits:
+        features = train.shape[2] * (h + 1) + fit["constant"]
+        if isinstance(fit["rank"], int) and fit["rank"] > features:
+            continue  # as the sweep and flip_score skip a rank the lifted state cannot hold
         target, error = rollout_errors(train, val, h, out_width=out_width, **fit)
         with torch.no_grad():
             changed = tail64(target + error).argmax(1) != tail64(target).argmax(1)
@@ -101,26 +118,86 @@ def run_seed(seed: int) -> list[dict]:
             rows = [r for r in results["sweep"] if r["layer"] == layer and r["n_delays"] == h]
             if not rows:
                 continue
-            best = protocols.select(rows)
-            clock = time.perf_counter()
-            scores = drop_scores(train, val, h, out_width=scaled.out_width)
-            # the sweep picks among Tikhonov values; so can the roll-out score (still closed form)
-            scores["rollout_min"] = min(
-                drop_scores(train, val, h, tikhonov=t, out_width=scaled.out_width)["rollout"]
-                for t in config.tikhonovs)
-            score_time = time.perf_counter() - clock
-            clock = time.perf_counter()
-            scores |= flip_score(train, val, h, scaled.tail, fits=sweep_fits(config),
-                                 out_width=scaled.out_width)
-            flip_time = time.perf_counter() - clock
-            scores |= flip_reference(train, val, h, scaled.tail, sweep_fits(config),
-                                     scaled.out_width)
-            cells.append({"seed": seed, "layer": layer, "h": h, **scores,
-                          "score_time_s": score_time, "flip_time_s": flip_time,
-                          "val_accuracy": best["val_accuracy"],
-                          "test_accuracy": best["test_accuracy"],
-                          "drop": original - best["val_accuracy"]})
+            cells.append(score_cell(config, layer, scaled, train, val, h, protocols.select(rows),
+                                    original))
     return cells
+
+
+def run_seed_mnist(seed: int, data_dir: str, cache: Path) -> list[dict]:
+    """The same cells from one cached clean MNIST run (benchmarks/mnist_runs.py); the cells are
+    cached too."""
+    path = cache / f"seed{seed}_cells.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    run = mnist_runs.load(seed, data_dir, cache)
+    config, data, sweep = run["config"], run["data"], run["sweep"]
+    cells, fit = [], predict._fit
+    for layer, scaled in run["scaled"].items():
+        clock = time.perf_counter()
+        train = collect_trajectories(scaled, data.trajectories.X).states
+        val = collect_trajectories(scaled, data.val.X).states
+        predict._fit = gram_fits(train)
+        try:
+            for h in config.delays:
+                if (layer, h) in sweep["cells"]:
+                    cells.append(score_cell(config, layer, scaled, train[:SCORE_TRAIN], val, h,
+                                            sweep["cells"][layer, h],
+                                            sweep["original"]["val_accuracy"]))
+        finally:
+            predict._fit = fit
+        print(f"seed {seed}: layer {layer} scored in {time.perf_counter() - clock:.0f} s",
+              flush=True)
+    path.write_text(json.dumps(cells))
+    return cells
+
+
+def gram_fits(train: torch.Tensor):
+    """MNIST: a stand-in for ``koopnet.lab.predict._fit`` that fits each DMD as the sweep does,
+    from the streamed Gram statistics of ALL training trajectories ``train`` [B, T, W] (equal
+    to the SVD route in theory), one eigendecomposition per (h, constant) shared by every rank
+    and Tikhonov value: the scores' fits are then the sweep's own fits, in seconds instead of
+    an SVD of the lifted pairs per fit."""
+    moments = TrajectoryMoments(train.shape[1], train.shape[2])
+    for start in range(0, len(train), 8192):
+        moments.update(train[start:start + 8192])
+    stats = {}
+
+    def fit(states, h: int, constant: bool, tikhonov: float, rank=None):
+        if (h, constant) not in stats:
+            stats[h, constant] = moments.pair_statistics(h, constant=constant)
+        dmd = DMD(rank=rank, tikhonov=tikhonov, exact_rollout=True)
+        return TimeDelay(h, constant=constant).fit(states), dmd.fit_statistics(stats[h, constant])
+
+    return fit
+
+
+def score_cell(config, layer: int, scaled, train, val, h: int, best: dict,
+               original: float) -> dict:
+    """One (layer, h) cell: its scores (from trajectories alone) and the measured drop of the
+    sweep's best validation row ``best``."""
+    clock = time.perf_counter()
+    scores = drop_scores(train, val, h, out_width=scaled.out_width)
+    # the sweep picks among Tikhonov values; so can the roll-out score (still closed form)
+    if config.dataset == "mnist":  # the same number without drop_scores' other scores
+        scores["rollout_min"] = min(
+            predict._relative(error, target) for target, error in (
+                rollout_errors(train, val, h, tikhonov=t, out_width=scaled.out_width)
+                for t in config.tikhonovs))
+    else:
+        scores["rollout_min"] = min(
+            drop_scores(train, val, h, tikhonov=t, out_width=scaled.out_width)["rollout"]
+            for t in config.tikhonovs)
+    score_time = time.perf_counter() - clock
+    clock = time.perf_counter()
+    scores |= flip_score(train, val, h, scaled.tail, fits=sweep_fits(config),
+                         out_width=scaled.out_width)
+    flip_time = time.perf_counter() - clock
+    scores |= flip_reference(train, val, h, scaled.tail, sweep_fits(config),
+                             scaled.out_width)
+    return {"seed": config.seed, "layer": layer, "h": h, **scores,
+            "score_time_s": score_time, "flip_time_s": flip_time,
+            "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"],
+            "drop": original - best["val_accuracy"]}
 
 
 def _compare(pick: dict, own: list[dict]) -> dict:
@@ -166,15 +243,45 @@ def builtin_thresholds(cells: list[dict]) -> dict:
             for score in ("residual", "flip")}
 
 
+#: the Yin-Yang report's own text where the MNIST one differs
+YINYANG_TEXT = {
+    "title": "# Predicting the accuracy drop (clean Yin-Yang, seeds 0-2)",
+    "command": "Command: `OMP_NUM_THREADS=1 python benchmarks/predict_drop.py` (",
+    "fits": "sweep's 40 fits", "grid": [],
+    "builtin": "(calibrated on all three seeds, so in-sample here):",
+    "footer": "MNIST: not run (out of this check's time budget).",
+}
+MNIST_TEXT = {
+    "title": "# Predicting the accuracy drop (clean MNIST, seeds {seeds})",
+    "command": "Command: `OMP_NUM_THREADS=1 python benchmarks/predict_drop.py --dataset mnist "
+               "--data-dir ../shared/data` (one clean run per seed from "
+               "`benchmarks/mnist_runs.py`, cached in /tmp/mnist_runs; ",
+    "fits": "sweep's 15 fits",
+    "grid": ["", "The MNIST runs are the clean protocol's (`default_config('mnist', seed=s)`: "
+             "base training, the scaled network of layers 1-3, the delay-DMD sweep of h = 0..10 "
+             "over the recipe's grid, ranks (None, 0.9999, 0.999, 500, 200) x Tikhonov (0, "
+             "1e-6, 1e-4) with a constant, on all 55k training trajectories); the sweep scores "
+             "every row on the 5k validation split and the measured drop is the best validation "
+             "row at (layer, h). The scores' DMD fits are the sweep's own (the Gram statistics "
+             "of all 55k training trajectories, `gram_fits`), each score is computed on the "
+             "validation trajectories, and the R^2 of `unexplained` is fitted on the first 10k "
+             "training trajectories. No hybrid is run for any score. Test accuracy of each "
+             "cell's best validation row is in the json, never used."],
+    "builtin": "(calibrated on Yin-Yang seeds 0-2: out of sample here, another data set):",
+    "footer": "Thresholds above: what a calibration on these MNIST cells would hold; `koopnet "
+              "suggest` ships the Yin-Yang ones.",
+}
+
+
 def markdown(report: dict) -> str:
-    lines = ["# Predicting the accuracy drop (clean Yin-Yang, seeds 0-2)", "",
-             "Command: `OMP_NUM_THREADS=1 python benchmarks/predict_drop.py` "
-             f"(cells measured at commit {report['cells_commit']}; report at commit "
-             f"{report['commit']}, {report['elapsed_s']:.0f} s).", "",
+    text = MNIST_TEXT if report.get("dataset") == "mnist" else YINYANG_TEXT
+    lines = [text["title"].format(seeds=", ".join(map(str, report["seeds"]))), "",
+             f"{text['command']}cells measured at commit {report['cells_commit']}; report at "
+             f"commit {report['commit']}, {report['elapsed_s']:.0f} s).", *text["grid"], "",
              "Spearman rho of each score (higher = worse) against the measured validation drop "
              f"over {report['n_cells']} cells (layers x h x seeds). `flip`: predicted share of "
              "validation decisions that change, the roll-out error carried to the logits to "
-             "first order by the tail's Jacobian, least over the sweep's 40 fits (rank x "
+             f"first order by the tail's Jacobian, least over the {text['fits']} (rank x "
              "constant x Tikhonov); `flip_margin`: the same with near-flips counted by the "
              "share of the margin closed; `flip_one_fit`: `flip` of the single default fit. "
              "`exact_flip_ref` is NOT a score: it runs the tail on the roll-out (the hybrid's "
@@ -203,7 +310,7 @@ def markdown(report: dict) -> str:
     for s in report["suggestions"]:
         lines.append(_row(s["score"], s))
     lines += ["", "`koopnet suggest --score residual|flip` with its built-in calibrations "
-              "(calibrated on all three seeds, so in-sample here):", "",
+              + text["builtin"], "",
               "| built-in | seed | layer | h | validated drop | within | best validated "
               "layer, h | gap | near |", "|---|---|---|---|---|---|---|---|---|"]
     for s in report["builtin_suggestions"]:
@@ -219,7 +326,7 @@ def markdown(report: dict) -> str:
                      f"validated setting's h: {', '.join(map(str, lost))}.")
     lines += ["", "Thresholds of the built-in calibrations (calibrate over all cells, per "
               f"tolerance): {json.dumps(report['builtin_thresholds'])}", "",
-              "MNIST: not run (out of this check's time budget).", ""]
+              text["footer"], ""]
     return "\n".join(lines)
 
 
@@ -235,23 +342,35 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="recompute the report from the cells of the saved predict_drop.json "
                              "instead of re-running the three seeds")
+    parser.add_argument("--dataset", choices=("yinyang", "mnist"), default="yinyang")
+    parser.add_argument("--data-dir", default="../shared/data", help="MNIST's folder")
+    parser.add_argument("--cache", type=Path, default=mnist_runs.CACHE,
+                        help="MNIST: the cached runs of benchmarks/mnist_runs.py")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
+                        help="MNIST only (Yin-Yang always runs seeds 0, 1, 2)")
     args = parser.parse_args()
     clock = time.perf_counter()
     out = HERE / "results"
+    name = "predict_drop_mnist" if args.dataset == "mnist" else "predict_drop"
+    seeds = args.seeds if args.dataset == "mnist" else list(SEEDS)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                             capture_output=True, text=True).stdout.strip()
     if args.reuse:
-        saved = json.loads((out / "predict_drop.json").read_text())
+        saved = json.loads((out / f"{name}.json").read_text())
         cells, cells_commit = saved["cells"], saved.get("cells_commit", saved["commit"])
     else:
-        cells = [c for seed in SEEDS for c in run_seed(seed)]
+        cells = [c for seed in seeds for c in (
+            run_seed_mnist(seed, args.data_dir, args.cache) if args.dataset == "mnist"
+            else run_seed(seed))]
         cells_commit = commit
     drops = [c["drop"] for c in cells]
     layers = sorted({c["layer"] for c in cells})
     ranked = (*SCORES, "exact_flip_ref")
     report = {
+        **({"dataset": "mnist", "sweep_grid": mnist_runs.SWEEP, "score_train": SCORE_TRAIN}
+           if args.dataset == "mnist" else {}),
         "commit": commit, "cells_commit": cells_commit,
-        "seeds": list(SEEDS), "tolerance": TOLERANCE, "n_cells": len(cells),
+        "seeds": seeds, "tolerance": TOLERANCE, "n_cells": len(cells),
         "rho": {s: rank_correlation([c[s] for c in cells], drops) for s in ranked},
         "rho_per_layer": {s: {layer: rank_correlation(
             [c[s] for c in cells if c["layer"] == layer],
@@ -262,8 +381,8 @@ def main() -> None:
         "suggestions": suggestions(cells), "builtin_suggestions": builtin_suggestions(cells),
         "builtin_thresholds": builtin_thresholds(cells),
         "cells": cells, "elapsed_s": time.perf_counter() - clock}
-    (out / "predict_drop.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "predict_drop.md").write_text(markdown(report))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
