@@ -12,6 +12,7 @@ from koopnet.cli.main import main
 from koopnet.lab.predict import (
     BUILTIN_CALIBRATION,
     BUILTIN_CALIBRATIONS,
+    FIRST_ORDER_BOUND,
     calibrated_threshold,
     drop_scores,
     layer_cells,
@@ -48,8 +49,23 @@ def _calibration(tmp_path, cells, name="calibration.json"):
     return path
 
 
+def test_default_is_the_flip_score_under_its_first_order_bound(scale_dirs, capsys):
+    out = _suggest(capsys, scale_dirs / "scale1", scale_dirs / "scale2", "--tolerance", "1")
+    assert out["score"] == "flip" and out["threshold"] == 0.01  # the tolerance: no calibration
+    assert out["calibration"]["source"].startswith("first-order bound")
+    cells = out["cells"]
+    passing = [c for c in cells if c["flip"] <= 0.01]
+    expected = (min(passing, key=lambda c: (c["h"], c["flip"])) if passing
+                else min(cells, key=lambda c: c["flip"]))
+    assert (out["layer"], out["h"]) == (expected["layer"], expected["h"])
+    yinyang = _suggest(capsys, scale_dirs / "scale1", "--calibration", "yinyang")
+    assert yinyang["threshold"] == BUILTIN_CALIBRATIONS["flip"]["thresholds"][0.005]
+    with pytest.raises(ValueError, match="first-order bound thresholds the flip score, not "):
+        calibrated_threshold(FIRST_ORDER_BOUND, "residual", 0.005)
+
+
 def test_suggest_on_scale_folders_follows_the_builtin_calibration(scale_dirs, capsys):
-    out = _suggest(capsys, scale_dirs / "scale1", scale_dirs / "scale2")
+    out = _suggest(capsys, scale_dirs / "scale1", scale_dirs / "scale2", "--score", "residual")
     assert out["calibration"]["source"].startswith("built-in: clean Yin-Yang seeds 0-2")
     assert out["calibration"]["tolerance"] == 0.005 and out["tolerance_points"] == 0.5
     assert out["threshold"] == BUILTIN_CALIBRATION["thresholds"][0.005]
@@ -70,14 +86,16 @@ def test_calibration_file_sets_the_threshold(scale_dirs, capsys, tmp_path):
     cells = [{"residual": 0.5, "drop": 0.001}, {"residual": 0.7, "drop": 0.02},
              {"residual": 0.9, "drop": 0.004}]
     path = _calibration(tmp_path, cells)
-    out = _suggest(capsys, scale_dirs / "scale1", "--calibration", path)
+    out = _suggest(capsys, scale_dirs / "scale1", "--score", "residual", "--calibration", path)
     # 0.7 failed a 0.5-point tolerance, so 0.9 is not admitted either: threshold 0.5
     assert out["threshold"] == 0.5 and out["calibration"]["n_cells"] == 3
     assert str(path) in out["calibration"]["source"] and "seeds [7]" in out["calibration"]["source"]
-    loose = _suggest(capsys, scale_dirs / "scale1", "--calibration", path, "--tolerance", "2.5")
+    loose = _suggest(capsys, scale_dirs / "scale1", "--score", "residual", "--calibration", path,
+                     "--tolerance", "2.5")
     assert loose["threshold"] == 0.9  # nothing failed 2.5 points
     strict = _calibration(tmp_path, [{"residual": 0.0, "drop": 0.5}], "strict.json")
-    none = _suggest(capsys, scale_dirs / "scale1", "--calibration", strict)
+    none = _suggest(capsys, scale_dirs / "scale1", "--score", "residual", "--calibration",
+                    strict)
     assert none["threshold"] is None and none["under_threshold"] is False  # -inf: no cell passes
     assert none["value"] == min(c["residual"] for c in none["cells"])
 
@@ -163,7 +181,8 @@ BAD = {
                          "two scale folders scale the same layer (layers [1, 1])"),
     "negative tolerance": (lambda d, t: [d / "scale1", "--tolerance", "-1"],
                            "--tolerance -1.0 must be a number of accuracy points >= 0"),
-    "tolerance below the built-in": (lambda d, t: [d / "scale1", "--tolerance", "0.1"],
+    "tolerance below the built-in": (lambda d, t: [d / "scale1", "--score", "residual",
+                                                   "--tolerance", "0.1"],
                                      "tolerance 0.1 point is below the smallest one"),
     "rollout without calibration": (lambda d, t: [d / "scale1", "--score", "rollout"],
                                     "scores 'residual', not 'rollout'; pass a calibration file"),
@@ -175,7 +194,7 @@ BAD = {
                                                 _text(t, '{"x": 1}')], "holds no list 'cells'"),
     "calibration lacks the score": (lambda d, t: [d / "scale1", "--calibration",
                                                   _text(t, '{"cells": [{"drop": 0}]}')],
-                                    "has no cells with both 'residual' and 'drop'"),
+                                    "has no cells with both 'flip' and 'drop'"),
     "max samples": (lambda d, t: [d / "scale1", "--max-samples", "0"],
                     "--max-samples 0 must be >= 1"),
     "paper protocol run": (lambda d, t: [_quick_results(t, protocol="paper")],
@@ -224,3 +243,16 @@ def test_builtin_calibrations_are_the_committed_measurements():
     for score, calibration in BUILTIN_CALIBRATIONS.items():
         assert calibration["score"] == score
         assert {float(k): v for k, v in measured[score].items()} == calibration["thresholds"]
+
+
+def test_a_run_with_learned_observables_rebuilds_its_recipe(tmp_path):
+    from koopnet.cli.suggest import _rebuilt_config
+    from koopnet.lab.recipes import default_config
+
+    config = default_config("yinyang", quick=True, observables=("delay", "learned"))
+    folder = tmp_path / "learned"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(
+        {"config": json.loads(json.dumps(dataclasses.asdict(config)))}))
+    results = json.loads((folder / "results.json").read_text())
+    assert _rebuilt_config(results, folder) == config

@@ -2,10 +2,14 @@
 
 The scores (:mod:`koopnet.lab.predict`) need one pass of trajectories of each scaled layer on the
 training and validation inputs; no hybrid is built or evaluated. The proposal is the cell with
-the most linear steps (smallest h) whose score is under a threshold, and the threshold comes
-from a calibration: cells of earlier runs whose drop was measured (``--calibration FILE``, e.g.
-benchmarks/results/predict_drop.json), or the built-in one of clean Yin-Yang for the score
-(:data:`koopnet.lab.predict.BUILTIN_CALIBRATIONS`). The output names the calibration it used.
+the most linear steps (smallest h) whose score is under a threshold. The default score,
+``flip`` (the predicted share of decisions the hybrid changes), ranks measured drops best and
+needs no calibration: its threshold is the tolerance itself
+(:data:`koopnet.lab.predict.FIRST_ORDER_BOUND`). Any score can instead take its threshold from a
+calibration: cells of earlier runs whose drop was measured (``--calibration FILE``, e.g.
+benchmarks/results/predict_drop.json), or the built-in one of clean Yin-Yang
+(``--calibration yinyang``, :data:`koopnet.lab.predict.BUILTIN_CALIBRATIONS`; the default for
+the other scores). The output names the rule it used.
 
 Inputs: scale folders (``koopnet scale``, one per layer, all of the same trained model), or a
 clean-protocol ``koopnet reproduce`` folder, whose scaled networks are rebuilt from its recorded
@@ -25,7 +29,13 @@ import torch
 
 from koopnet.io.serialize import load_with_meta
 from koopnet.io.sources import reload_data
-from koopnet.lab.predict import BUILTIN_CALIBRATIONS, SCORES, calibrated_threshold, layer_cells
+from koopnet.lab.predict import (
+    BUILTIN_CALIBRATIONS,
+    FIRST_ORDER_BOUND,
+    SCORES,
+    calibrated_threshold,
+    layer_cells,
+)
 from koopnet.lab.predict import suggest as pick_cell
 from koopnet.trajectories import collect_trajectories
 
@@ -84,7 +94,8 @@ def _rebuilt_config(results: dict, where: Path):
                          "split: use a clean-protocol run or scale folders.")
     for quick in (False, True):
         config = default_config(recorded["dataset"], "clean", seed=recorded.get("seed", 0),
-                                quick=quick, data_dir=recorded.get("data_dir"))
+                                quick=quick, data_dir=recorded.get("data_dir"),
+                                observables=tuple(recorded.get("observables", ("delay",))))
         config = dataclasses.replace(config, widths=tuple(recorded.get("widths", ())))
         if _agrees(recorded, _as_json(config), _as_json(ExperimentConfig())):
             return config
@@ -176,10 +187,14 @@ def _validated(results: dict | None, layer: int, h: int) -> dict | None:
             "drop_points": 100 * (results["original"]["val_accuracy"] - best)}
 
 
-def suggest_folders(folders, *, tolerance: float = 0.5, calibration: dict | None = None,
-                    score: str = "residual", max_samples: int = 5000,
+def suggest_folders(folders, *, tolerance: float = 0.5, calibration: dict | str | None = None,
+                    score: str = "flip", max_samples: int = 5000,
                     progress: bool = False) -> dict:
-    """The proposal of ``koopnet suggest`` for ``folders``; ``tolerance`` in accuracy points."""
+    """The proposal of ``koopnet suggest`` for ``folders``; ``tolerance`` in accuracy points.
+
+    ``calibration``: a loaded calibration file (:func:`load_calibration`), "yinyang" (the
+    built-in one of the score) or None (the score's default rule, see the module docstring).
+    """
     if score not in SCORES:
         raise ValueError(f"--score {score!r} must be one of {', '.join(SCORES)}.")
     if not math.isfinite(tolerance) or tolerance < 0:
@@ -187,8 +202,11 @@ def suggest_folders(folders, *, tolerance: float = 0.5, calibration: dict | None
                          "(e.g. 0.5).")
     if max_samples < 1:
         raise ValueError(f"--max-samples {max_samples} must be >= 1.")
-    builtin = BUILTIN_CALIBRATIONS.get(score, BUILTIN_CALIBRATIONS["residual"])
-    threshold, record = calibrated_threshold(calibration or builtin, score, tolerance / 100)
+    if calibration is None:
+        calibration = FIRST_ORDER_BOUND if score == "flip" else "yinyang"
+    if calibration == "yinyang":
+        calibration = BUILTIN_CALIBRATIONS.get(score, BUILTIN_CALIBRATIONS["residual"])
+    threshold, record = calibrated_threshold(calibration, score, tolerance / 100)
     entries, sources, results = _load_entries([Path(f) for f in folders], max_samples,
                                               progress)
     cells = []
@@ -249,7 +267,8 @@ def _load_entries(folders: list[Path], max_samples: int, progress: bool):
 
 
 def cmd_suggest(args: argparse.Namespace) -> int:
-    calibration = None if args.calibration is None else load_calibration(args.calibration)
+    calibration = (args.calibration if args.calibration in (None, "yinyang")
+                   else load_calibration(args.calibration))
     out = suggest_folders(args.folders, tolerance=args.tolerance, calibration=calibration,
                           score=args.score, max_samples=args.max_samples,
                           progress=not args.quiet)
@@ -269,12 +288,14 @@ def add_suggest_parser(sub) -> argparse.ArgumentParser:
                              "one clean `koopnet reproduce` folder (its networks are rebuilt)")
     parser.add_argument("--tolerance", type=float, default=0.5,
                         help="accuracy drop allowed, in points (default 0.5)")
-    parser.add_argument("--calibration", metavar="FILE",
-                        help="JSON with cells of scores and measured drops (default: the "
-                             "built-in clean Yin-Yang calibration)")
-    parser.add_argument("--score", default="residual", choices=SCORES,
-                        help="which closed-form score to threshold (default residual; flip: "
-                             "predicted decision flips, ranks drops best, slower)")
+    parser.add_argument("--calibration", metavar="FILE|yinyang",
+                        help="JSON with cells of scores and measured drops, or 'yinyang' for "
+                             "the built-in clean Yin-Yang calibration (default: none for flip, "
+                             "whose threshold is the tolerance; yinyang for the other scores)")
+    parser.add_argument("--score", default="flip", choices=SCORES,
+                        help="which closed-form score to threshold (default flip: the "
+                             "predicted share of changed decisions, which ranks drops best; "
+                             "residual: the one-step DMD residual, faster)")
     parser.add_argument("--max-samples", type=int, default=5000,
                         help="trajectories per split that are scored (default 5000)")
     parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)

@@ -58,8 +58,16 @@ BUILTIN_FLIP_CALIBRATION = {
               "(commit 9860082)",
     "thresholds": {0.0025: 0.0025, 0.005: 0.0065, 0.01: 0.013, 0.02: 0.0185, 0.05: 0.0205},
 }
-#: The built-in calibration of each score that has one (``koopnet suggest --score``).
+#: The built-in calibration of each score that has one (``koopnet suggest --calibration
+#: yinyang``).
 BUILTIN_CALIBRATIONS = {"residual": BUILTIN_CALIBRATION, "flip": BUILTIN_FLIP_CALIBRATION}
+#: ``flip`` needs no calibration: it predicts the share of decisions the hybrid changes, and
+#: each changed decision moves accuracy by at most one sample, so to first order the drop is at
+#: most the flip share. Its threshold is the tolerance itself (``koopnet suggest``'s default).
+FIRST_ORDER_BOUND = {
+    "score": "flip", "bound": True,
+    "source": "first-order bound, no calibration: predicted share of changed decisions <= "
+              "tolerance"}
 
 
 def _check_states(train_states, val_states, h: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,10 +345,16 @@ def calibrated_threshold(calibration: dict, score: str, tolerance: float) -> tup
     ``calibration`` holds ``cells`` with the score and a measured ``drop`` (such as
     benchmarks/results/predict_drop.json), calibrated here with :func:`calibrate`; or, as
     :data:`BUILTIN_CALIBRATION`, ``thresholds`` per tolerance, the largest tolerance not above
-    ``tolerance`` being used. Returns (threshold, a record of the calibration for the output).
+    ``tolerance`` being used; or it is :data:`FIRST_ORDER_BOUND` (flip only: the threshold is
+    ``tolerance``). Returns (threshold, a record of the calibration for the output).
     """
     tolerance = check_float(tolerance, "tolerance", low=0.0)
     record = {"source": calibration.get("source", "calibration"), "score": score}
+    if calibration.get("bound"):
+        if score != "flip":
+            raise ValueError(f"the first-order bound thresholds the flip score, not {score!r}; "
+                             "pass --score flip, or a calibration for the score.")
+        return tolerance, {**record, "tolerance": tolerance, "threshold": tolerance}
     if "cells" in calibration:
         usable = [c for c in calibration["cells"] if score in c and "drop" in c]
         if not usable:
