@@ -43,3 +43,9 @@ def test_state_errors_and_spectra_are_averaged_over_the_seeds_picks():
         {"seed": s, "original": {"test_accuracy": 0.98}} for s in (0, 1)]}}
     text = "\n".join(frontier_section(results))
     assert "| 1 | 2 | delay | 97.00 | +1.00 | no | 1.000 | 0.15 0.3 |" in text
+
+
+def test_rows_without_a_linear_step_are_left_out():
+    rows = [_row(1, 2, 0, 0.9, 0.97), {**_row(1, -5, 0, 0.99, 0.99, "learned"),
+                                       "encoder_blocks": 16}]
+    assert [e["linear_steps"] for e in frontier(rows, {0: 0.98})] == [2]

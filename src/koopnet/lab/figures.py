@@ -181,11 +181,12 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def plot_accuracy_vs_linear_steps(comparison: list[dict], baselines: list[dict] | None = None,
                                   axes=None, *, title: str = "", metric: str = "test_accuracy"):
     """Hybrid accuracy (mean ± sd over seeds) against the number of linearly predicted steps,
-    one panel per layer and one line per observable; baselines as horizontal lines."""
+    one panel per layer and one line per observable; baselines as horizontal lines. A row
+    whose encoder costs as many blocks as it rolls out (no linear step left) is not drawn."""
     layers = sorted({r["layer"] for r in comparison})
     fig, axes = _grid(axes, 1, len(layers), panel=(4.6, 4.0))
     for ax, layer in zip(axes[0], layers, strict=True):
-        rows = [r for r in comparison if r["layer"] == layer]
+        rows = [r for r in comparison if r["layer"] == layer and r["linear_steps"] >= 1]
         for name in dict.fromkeys(r["observable"] for r in rows):
             steps = sorted({r["linear_steps"] for r in rows if r["observable"] == name})
             stats = [_mean_sd([100 * r[metric] for r in rows if r["observable"] == name
@@ -199,8 +200,8 @@ def plot_accuracy_vs_linear_steps(comparison: list[dict], baselines: list[dict] 
                       if b["method"] == method and b["layer"] in (layer, None)]
             if values:
                 ax.axhline(_mean_sd(values)[0], color=colour, ls=ls, lw=1, label=method)
-        ax.set(xlabel="linear steps (11 − h)", ylabel=f"{metric.replace('_', ' ')} (%)",
-               title=f"layer {layer}")
+        ax.set(xlabel="linear steps (11 − h − encoder blocks)",
+               ylabel=f"{metric.replace('_', ' ')} (%)", title=f"layer {layer}")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
     fig.suptitle(title)

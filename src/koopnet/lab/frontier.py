@@ -23,11 +23,13 @@ def frontier(rows: list[dict], originals: dict, tolerance: float = TOLERANCE) ->
     """One entry per (layer, linear steps): methods chosen, mean test accuracy, drop, within.
 
     ``rows`` need layer, linear_steps, val_accuracy, test_accuracy (and seed when several
-    seeds); ``originals`` maps seed -> the original network's test accuracy.
+    seeds); ``originals`` maps seed -> the original network's test accuracy. Rows without a
+    linear step (a learned encoder that costs the whole roll-out) are left out.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[(row["layer"], row["linear_steps"], row.get("seed"))].append(row)
+    for row in rows:  # a learned encoder costing the whole roll-out leaves no linear step
+        if row["linear_steps"] >= 1:
+            groups[(row["layer"], row["linear_steps"], row.get("seed"))].append(row)
     chosen: dict[tuple, list[dict]] = defaultdict(list)
     for (layer, steps, _), group in groups.items():
         chosen[(layer, steps)].append(_choose(group))

@@ -108,7 +108,8 @@ def make_figures(run_dir, *, pdf: bool = False) -> list[str]:
                                               title=f"{dataset}: hybrid test accuracy vs "
                                                     "linearly predicted steps, h = 0..10 "
                                                     "(rank, Tikhonov chosen on validation; "
-                                                    "mean ± sd over seeds)")
+                                                    "mean ± sd over seeds; psi counted as "
+                                                    "the blocks it costs)")
     written += plots.save_figure(fig, run / "accuracy_vs_linear_steps", pdf=pdf)
     if "grid/original" in tensors:
         setting = results["study"]["decision_setting"]
