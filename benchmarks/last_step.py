@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -117,8 +118,10 @@ def readings(scaled, states: dict, labels: dict, constant: bool, tikhonov: float
     return result
 
 
-def best_fit(scaled, data) -> dict:
-    states = {"train": collect_trajectories(scaled, data.trajectories.X).states.double(),
+def best_fit(scaled, data, max_trajectories: int | None = None) -> dict:
+    """The validation-best fit; trained on the first ``max_trajectories`` training inputs."""
+    fit_inputs = data.trajectories.X[:max_trajectories]
+    states = {"train": collect_trajectories(scaled, fit_inputs).states.double(),
               "val": collect_trajectories(scaled, data.val.X).states.double(),
               "test": collect_trajectories(scaled, data.test.X).states.double()}
     labels = {"val": data.val.y, "test": data.test.y}
@@ -133,27 +136,35 @@ def best_fit(scaled, data) -> dict:
     return max(fits, key=lambda f: f["val"]["hybrid"])
 
 
-def run_seed(seed: int, layers: list[int]) -> list[dict]:
-    config = default_config("yinyang", seed=seed)
+VARIANTS = {"plain": ScalingSpec(), "linear tail": ScalingSpec(),
+            **{f"DMD 9-step {w:g}": ScalingSpec(dmd_penalty=w, dmd_steps=9, dmd_delays=2)
+               for w in PENALTY_WEIGHTS}}
+
+
+def run_seed(seed: int, layers: list[int], dataset: str = "yinyang", data_dir=None,
+             variants: list[str] | None = None, max_trajectories: int | None = None
+             ) -> list[dict]:
+    config = default_config(dataset, seed=seed, data_dir=data_dir)
     data = load_protocol_data(config)
     model = train_base(config, data, False)
     original = {s: accuracy(model, getattr(data, s).X, getattr(data, s).y)
                 for s in ("val", "test")}
-    variants = {"plain": ScalingSpec(), "linear tail": ScalingSpec(),
-                **{f"DMD 9-step {w:g}": ScalingSpec(dmd_penalty=w, dmd_steps=9, dmd_delays=2)
-                   for w in PENALTY_WEIGHTS}}
     rows = []
     for layer in layers:
-        for name, spec in variants.items():
+        for name in variants or VARIANTS:
             clock = time.perf_counter()
+            # the linear tail trains its own inserts: scale_layer only builds the frozen parts
+            recipe = (dataclasses.replace(config.scaling, epochs=1) if name == "linear tail"
+                      else config.scaling)
             scaled, _ = scale_layer(model, layer, data.scaling.X, data.scaling.y,
                                     n_inserted=config.n_inserted, init="identity",
-                                    config=config.scaling, seed=seed + layer, retries=0,
-                                    spec=spec)
+                                    config=recipe, seed=seed + layer, retries=0,
+                                    spec=VARIANTS[name])
             if name == "linear tail":
                 linear_tail(scaled, data, config, seed + layer)
-            fit = best_fit(scaled, data)
-            rows.append({"seed": seed, "layer": layer, "variant": name, "original": original,
+            fit = best_fit(scaled, data, max_trajectories)
+            rows.append({"dataset": dataset, "seed": seed, "layer": layer, "variant": name,
+                         "original": original,
                          "scaled": {s: accuracy(scaled, getattr(data, s).X, getattr(data, s).y)
                                     for s in ("val", "test")},
                          **fit, "seconds": round(time.perf_counter() - clock, 1)})
@@ -170,15 +181,16 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
 
 def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
     """Per (layer, variant) means over seeds; the penalty weight chosen per layer on validation."""
-    chosen = {}
+    chosen, table = {}, []
     for layer in sorted({r["layer"] for r in rows}):
         weights = {r["variant"] for r in rows if r["layer"] == layer and "DMD" in r["variant"]}
-        chosen[layer] = max(sorted(weights), key=lambda v: statistics.fmean(
-            r["val"]["hybrid"] for r in rows if r["layer"] == layer and r["variant"] == v))
-    table = []
-    for layer in sorted(chosen):
-        for variant in ("plain", chosen[layer], "linear tail"):
+        if weights:
+            chosen[layer] = max(sorted(weights), key=lambda v: statistics.fmean(
+                r["val"]["hybrid"] for r in rows if r["layer"] == layer and r["variant"] == v))
+        for variant in ("plain", chosen.get(layer), "linear tail"):
             group = [r for r in rows if r["layer"] == layer and r["variant"] == variant]
+            if not group:
+                continue
             errors = [statistics.fmean(r["test"]["errors"][m] for r in group)
                       for m in range(len(group[0]["test"]["errors"]))]
             table.append({
@@ -195,14 +207,22 @@ def summarise(rows: list[dict]) -> tuple[list[dict], dict]:
     return table, chosen
 
 
-def markdown(table: list[dict], chosen: dict, seeds: list[int]) -> str:
+def markdown(table: list[dict], chosen: dict, args: argparse.Namespace) -> str:
+    name = {"yinyang": "Yin-Yang", "mnist": "MNIST"}[args.dataset]
+    command = " ".join(["--seeds", *map(str, args.seeds), "--layers", *map(str, args.layers)]
+                       + ([] if args.dataset == "yinyang" else
+                          ["--dataset", args.dataset, "--data-dir", "D"])
+                       + ([] if args.variants is None else
+                          ["--variants", *(f"'{v}'" for v in args.variants)])
+                       + ([] if args.max_trajectories is None else
+                          ["--max-trajectories", str(args.max_trajectories)]))
+    weights = ("; penalty weight chosen per layer on validation: "
+               + ", ".join(f"layer {k}: {v}" for k, v in chosen.items())) if chosen else ""
     lines = [
-        "# The replaced layer's step: 9 linear steps of 11 on clean Yin-Yang", "",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/last_step.py --seeds "
-        f"{' '.join(map(str, seeds))}` (see the script's docstring for the method). Test "
-        "accuracy (%), mean +- sd over seeds; 2-delay DMD with constant and Tikhonov chosen on "
-        "validation; penalty weight chosen per layer on validation: "
-        + ", ".join(f"layer {k}: {v}" for k, v in chosen.items()) + ".", "",
+        f"# The replaced layer's step: 9 linear steps of 11 on clean {name}", "",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/last_step.py {command}` (see the "
+        "script's docstring for the method). Test accuracy (%), mean +- sd over seeds; 2-delay "
+        f"DMD with constant and Tikhonov chosen on validation{weights}.", "",
         "| layer | scaling | original | scaled | hybrid, 9 linear steps | within 0.5 pt | "
         "K on inserts, 8 steps + real layer | its error s_10 | hybrid error s_3 | s_6 | s_10 | "
         "s_11 |",
@@ -225,15 +245,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--out", type=Path, default=RESULTS / "last_step")
+    parser.add_argument("--dataset", choices=("yinyang", "mnist"), default="yinyang")
+    parser.add_argument("--data-dir", default=None, help="MNIST: the folder holding MNIST/raw")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
+    parser.add_argument("--max-trajectories", type=int, default=None,
+                        help="fit the DMDs on the first N training inputs (default all)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/last_step (yinyang), last_step_mnist")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [row for seed in args.seeds for row in run_seed(seed, args.layers)]
+    out = args.out or RESULTS / ("last_step" if args.dataset == "yinyang" else "last_step_mnist")
+    rows = [row for seed in args.seeds
+            for row in run_seed(seed, args.layers, args.dataset, args.data_dir, args.variants,
+                                args.max_trajectories)]
     table, chosen = summarise(rows)
-    args.out.with_suffix(".json").write_text(json.dumps(
+    text = markdown(table, chosen, args)
+    out.with_suffix(".json").write_text(json.dumps(
         {"rows": rows, "summary": table, "chosen_weights": chosen}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(table, chosen, args.seeds))
-    print(markdown(table, chosen, args.seeds))
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
