@@ -27,8 +27,10 @@ N = 10, one attempt each):
   layer's step is nonlinear.
 
     OMP_NUM_THREADS=1 python benchmarks/last_step.py --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/last_step.py --dataset mnist --data-dir ../shared/data \
+        --seeds 0 --variants plain 'linear tail' --max-trajectories 20000
 
-Writes benchmarks/results/last_step.{json,md}.
+Writes benchmarks/results/last_step.{json,md} (MNIST: last_step_mnist.{json,md}).
 """
 
 from __future__ import annotations
