@@ -151,9 +151,9 @@ def test_study_quick_writes_tables_figures_and_rerenders(tmp_path):
     for row in results["comparison"]:
         assert row["linear_steps"] + row["nonlinear_blocks"] == 11
         # the held-out error of every predicted state, and the chosen K's spectrum
-        assert len(row["state_errors"]) == row["linear_steps"] + row.get("encoder_blocks", 0)
+        assert len(row["test_state_errors"]) == row["linear_steps"] + row.get("encoder_blocks", 0)
         assert ("encoder_blocks" in row) == row["observable"].startswith("learned")
-        assert all(e >= 0 for e in row["state_errors"]) and row["spectral_radius"] >= 0
+        assert all(e >= 0 for e in row["test_state_errors"]) and row["spectral_radius"] >= 0
     methods = {r["method"] for r in results["baselines"]}
     assert {"ridge", "reduced-rank ridge", "jacobian at mean", "original network",
             "softmax regression on inputs", "scaled network"} <= methods

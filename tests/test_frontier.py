@@ -34,10 +34,10 @@ def test_section_reads_a_reproduce_results_file():
 
 
 def test_state_errors_and_spectra_are_averaged_over_the_seeds_picks():
-    rows = [{**_row(1, 2, seed, 0.9, 0.97), "state_errors": [0.1 * (seed + 1), 0.3],
+    rows = [{**_row(1, 2, seed, 0.9, 0.97), "test_state_errors": [0.1 * (seed + 1), 0.3],
              "spectral_radius": 0.5 + seed} for seed in (0, 1)]
     (entry,) = frontier(rows, {0: 0.98, 1: 0.98})
-    assert entry["state_errors"] == [0.15000000000000002, 0.3]
+    assert entry["test_state_errors"] == [0.15000000000000002, 0.3]
     assert entry["spectral_radius"] == 1.0
     results = {"comparison": rows, "seeds": {"runs": [
         {"seed": s, "original": {"test_accuracy": 0.98}} for s in (0, 1)]}}

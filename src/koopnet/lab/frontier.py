@@ -41,9 +41,9 @@ def frontier(rows: list[dict], originals: dict, tolerance: float = TOLERANCE) ->
                  "drop": original - test, "within": original - test <= tolerance,
                  "methods": sorted({r.get("observable", "delay") for r in picks}),
                  "seeds": len(picks)}
-        if all("state_errors" in r for r in picks):  # study rows: mean over the seeds' picks
-            entry["state_errors"] = [sum(e) / len(picks)
-                                     for e in zip(*(r["state_errors"] for r in picks), strict=True)]
+        if all("test_state_errors" in r for r in picks):  # study rows: mean over the seeds' picks
+            errors = zip(*(r["test_state_errors"] for r in picks), strict=True)
+            entry["test_state_errors"] = [sum(e) / len(picks) for e in errors]
             entry["spectral_radius"] = sum(r["spectral_radius"] for r in picks) / len(picks)
         out.append(entry)
     return out
@@ -72,7 +72,7 @@ def frontier_section(results: dict) -> list[str]:
     else:
         return []
     entries = frontier(rows, originals)
-    errors = all("state_errors" in e for e in entries)
+    errors = all("test_state_errors" in e for e in entries)
     lines = ["## Frontier: accuracy against linear steps", "",
              "At each number of linear steps, the row chosen on validation among every method "
              "and setting (per seed); test accuracy mean over seeds; drop from the original "
@@ -86,7 +86,7 @@ def frontier_section(results: dict) -> list[str]:
              "|---|---|---|---|---|---|" + ("---|---|" if errors else "")]
     for e in entries:
         extra = (f" {e['spectral_radius']:.3f} | "
-                 + " ".join(f"{x:.2g}" for x in e["state_errors"]) + " |") if errors else ""
+                 + " ".join(f"{x:.2g}" for x in e["test_state_errors"]) + " |") if errors else ""
         lines.append(f"| {e['layer']} | {e['linear_steps']} | {', '.join(e['methods'])} | "
                      f"{100 * e['test_accuracy']:.2f} | {100 * e['drop']:+.2f} | "
                      f"{'yes' if e['within'] else 'no'} |" + extra)

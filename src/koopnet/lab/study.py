@@ -153,7 +153,7 @@ def compare_layer(scaled, train_states, states, labels, delays, config: StudyCon
                     if best is None or key > best[0]:
                         best = (key, row, (observable, dmd))
         if best is not None:  # what the chosen K predicts at every step, and its spectrum
-            best[1]["state_errors"] = state_errors(*best[2], states["test"], h, scaled.width,
+            best[1]["test_state_errors"] = state_errors(*best[2], states["test"], h, scaled.width,
                                                    scaled.out_width)
             best[1]["spectral_radius"] = float(best[2][1].eigenvalues_.abs().max())
             rows.append(best[1])
