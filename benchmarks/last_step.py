@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from koopnet.dmd import DMD
+from koopnet.lab.predict import state_errors
 from koopnet.lab.protocols import load_protocol_data, train_base
 from koopnet.lab.recipes import default_config
 from koopnet.models import accuracy
@@ -78,45 +79,39 @@ def linear_tail(scaled, data, config, seed: int) -> None:
     scaled.inserts = inserts
 
 
-def _relative(pred: torch.Tensor, true: torch.Tensor) -> float:
-    """||pred - true|| / ||true|| over the whole set (a ReLU state can be all zeros, so a mean
-    of per-sample ratios would be dominated by those)."""
-    return float((pred - true).norm() / true.norm().clamp_min(1e-12))
-
-
-def _roll(train: torch.Tensor, lifted: torch.Tensor, constant: bool, tikhonov: float,
-          n_steps: int) -> list[torch.Tensor]:
-    """Fit a 2-delay DMD on ``train`` [B, T, W]; states predicted 1..n_steps steps from the
-    lifted s_2 of ``lifted`` [B', T', W], each [B', W]."""
+def _fit(train: torch.Tensor, constant: bool, tikhonov: float) -> tuple[TimeDelay, DMD]:
+    """A 2-delay DMD fitted on ``train`` [B, T, W], as the hybrid fits it."""
     observable = TimeDelay(DELAYS, constant=constant).fit(train)
-    dmd = DMD(tikhonov=tikhonov, exact_rollout=True).fit(observable.transform(train))
-    z, readout = observable.transform(lifted)[:, 0], observable.readout(train.shape[2])
-    return [z @ dmd.transition(m, readout).T for m in range(1, n_steps + 1)]
+    return observable, DMD(tikhonov=tikhonov, exact_rollout=True).fit(
+        observable.transform(train))
+
+
+def _last(fit: tuple[TimeDelay, DMD], states: torch.Tensor) -> torch.Tensor:
+    """The last state the roll-out from s_2 predicts. Shape: states [B, T, W] -> [B, W]."""
+    observable, dmd = fit
+    z, readout = observable.transform(states)[:, 0], observable.readout(states.shape[2])
+    return z @ dmd.transition(states.shape[1] - 1 - DELAYS, readout).T
 
 
 def readings(scaled, states: dict, labels: dict, constant: bool, tikhonov: float) -> dict:
     """Accuracies of both readings and the hybrid's per-state errors per split.
     states: split -> [B, T, W] float64."""
-    width, out = states["train"].shape[2], scaled.out_width
+    width, out = scaled.width, scaled.out_width
     tail, layer = copy.deepcopy(scaled.tail).double(), copy.deepcopy(scaled.replaced).double()
+    full = _fit(states["train"], constant, tikhonov)
+    inserts = _fit(states["train"][:, :-1], constant, tikhonov)  # the layer's pair left out
     result = {}
     for split in ("val", "test"):
         true = states[split]  # [B, T, W]
-        n_steps = true.shape[1] - 1 - DELAYS
-        predicted = _roll(states["train"], true, constant, tikhonov, n_steps)
-        inserts_only = _roll(states["train"][:, :-1], true[:, :-1], constant, tikhonov,
-                             n_steps - 1)
         with torch.no_grad():
-            hybrid = tail(predicted[-1][:, :out]).argmax(1)
-            via_layer = tail(layer(inserts_only[-1][:, :scaled.width])).argmax(1)
+            hybrid = tail(_last(full, true)[:, :out]).argmax(1)
+            via_layer = tail(layer(_last(inserts, true[:, :-1])[:, :width])).argmax(1)
         result[split] = {
             "hybrid": float((hybrid == labels[split]).double().mean()),
             "k_plus_layer": float((via_layer == labels[split]).double().mean()),
-            "inserts_error_s10": _relative(inserts_only[-1][:, :scaled.width],
-                                           true[:, -2, :scaled.width]),
-            "errors": [_relative(p[:, :(out if m == n_steps else width)],
-                                 true[:, DELAYS + m, :(out if m == n_steps else width)])
-                       for m, p in enumerate(predicted, start=1)]}
+            "inserts_error_s10": state_errors(*inserts, true[:, :-1], DELAYS, width,
+                                              width)[-1],
+            "errors": state_errors(*full, true, DELAYS, width, out)}
     return result
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -137,9 +138,8 @@ def write_summary(runs: dict, seeds: list[int]) -> None:
 
     def ms(key: str) -> str:
         values = [100 * r[key] for r in rows]
-        mean = sum(values) / len(values)
-        sd = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-        return f"{mean:.2f} +- {sd:.2f}"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.2f} +- {sd:.2f}"
 
     lines = ["# Clean MNIST protocol over seeds", "",
              "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mnist_runs.py --seeds "

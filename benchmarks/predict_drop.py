@@ -225,27 +225,17 @@ def suggestions(cells: list[dict]) -> list[dict]:
     return out
 
 
-def builtin_suggestions(cells: list[dict]) -> list[dict]:
-    """Per built-in score and seed: what ``koopnet suggest --score`` proposes with the built-in
-    calibration."""
+def fixed_suggestions(cells: list[dict], rules: dict[str, dict]) -> list[dict]:
+    """Per (score, rule) and seed: what ``koopnet suggest --score`` proposes with a threshold
+    fixed in advance (a built-in calibration, or flip's first-order bound)."""
     out, seeds = [], sorted({c["seed"] for c in cells})
-    for score in BUILTIN_CALIBRATIONS:
-        threshold, _ = calibrated_threshold(BUILTIN_CALIBRATIONS[score], score, TOLERANCE)
+    for score, rule in rules.items():
+        threshold, _ = calibrated_threshold(rule, score, TOLERANCE)
         for seed in seeds:
             own = [c for c in cells if c["seed"] == seed]
             out.append({"score": score, "seed": seed, "threshold": threshold,
                         **_compare(suggest(own, score, threshold), own)})
     return out
-
-
-def bound_suggestions(cells: list[dict]) -> list[dict]:
-    """Per seed: ``koopnet suggest``'s default, the flip score under its first-order bound
-    (threshold = the tolerance; no calibration, so nothing here is fitted on any seed)."""
-    threshold, _ = calibrated_threshold(FIRST_ORDER_BOUND, "flip", TOLERANCE)
-    return [{"score": "flip", "seed": seed, "threshold": threshold,
-             **_compare(suggest(own, "flip", threshold), own)}
-            for seed in sorted({c["seed"] for c in cells})
-            for own in [[c for c in cells if c["seed"] == seed]]]
 
 
 def builtin_thresholds(cells: list[dict]) -> dict:
@@ -419,8 +409,9 @@ def main() -> None:
             for s in ranked},
         "mean_time_s": {k: sum(c[k] for c in cells) / len(cells)
                         for k in ("score_time_s", "flip_time_s")},
-        "suggestions": suggestions(cells), "builtin_suggestions": builtin_suggestions(cells),
-        "bound_suggestions": bound_suggestions(cells),
+        "suggestions": suggestions(cells),
+        "builtin_suggestions": fixed_suggestions(cells, BUILTIN_CALIBRATIONS),
+        "bound_suggestions": fixed_suggestions(cells, {"flip": FIRST_ORDER_BOUND}),
         "builtin_thresholds": builtin_thresholds(cells),
         "cells": cells, "elapsed_s": time.perf_counter() - clock}
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")

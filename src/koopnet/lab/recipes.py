@@ -134,7 +134,6 @@ def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
     """The recipe for a data set and protocol; ``quick`` shrinks it to a smoke test.
     ``observables``: the sweep's dictionaries (see ``OBSERVABLES``; clean protocol only)."""
     check_choice(protocol, "protocol", PROTOCOLS)
-    observables = check_observables(observables, protocol)
     if dataset not in DATASETS and not dataset.startswith("idx:"):
         raise ValueError(f"unknown dataset {dataset!r}; use yinyang, yinyang3, mnist or "
                          "idx:PATH.")
@@ -165,7 +164,7 @@ def default_config(dataset: str, protocol: str = "clean", *, seed: int = 0,
                    ranks=config.ranks[:2], tikhonovs=config.tikhonovs[:2],
                    trajectory_counts=(config.trajectory_counts[-1:]
                                       if config.trajectory_counts else None))
-        if "learned" in observables:  # as study --quick; a delay-only run keeps its recipe
+        if "learned" in config.observables:  # as study --quick; delay-only keeps its recipe
             config = r(config, learned_steps=30)
     if _is_idx(dataset):
         config = _idx_defaults(config, quick)
