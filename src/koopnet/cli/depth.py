@@ -23,7 +23,7 @@ import torch
 from koopnet._checks import check_int
 from koopnet._version import __version__
 from koopnet.cli.fit import parse_rank, spec_from_args
-from koopnet.cli.main import _add_common, _add_device
+from koopnet.cli.options import add_common, add_device
 from koopnet.cli.stages import _check_inputs_outside, _stage_folder
 from koopnet.depth import linearize_depth
 from koopnet.io.artifacts import check_output_dir, staged_folder, write_json
@@ -229,7 +229,7 @@ def add_depth_parsers(sub) -> None:
     fit.add_argument("--per-position", action="store_true",
                      help="one operator over each position's features (tokens, pixels)")
     fit.add_argument("--batch-size", type=int, default=1024, help="samples per forward pass")
-    _add_common(fit, seed=False, data_dir=False)
+    add_common(fit, seed=False, data_dir=False)
     # depth trajectories are paired within each sample; spec_from_args reads these two
     fit.set_defaults(func=cmd_depth_fit, pairing="trajectory", protocol=None)
 
@@ -246,5 +246,5 @@ def add_depth_parsers(sub) -> None:
     evaluate.add_argument("--out", help="folder for results.json (default: FIT_DIR)")
     evaluate.add_argument("--force", action="store_true", help="write into a non-empty --out")
     evaluate.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
-    _add_device(evaluate)
+    add_device(evaluate)
     evaluate.set_defaults(func=cmd_depth_evaluate)

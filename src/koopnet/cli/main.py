@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from koopnet._checks import check_int
+from koopnet.cli.options import add_common, add_device
 from koopnet.io.artifacts import check_output_dir, staged_folder
 
 log = logging.getLogger("koopnet")
@@ -149,25 +150,6 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser, *, seed: bool = True, data_dir: bool = True,
-                pdf: bool = False) -> None:
-    """Options every writing command shares, spelled the same everywhere."""
-    if seed:
-        parser.add_argument("--seed", type=int, default=0)
-    if data_dir:
-        parser.add_argument("--data-dir", help="folder with MNIST (default: $KOOPNET_DATA)")
-    parser.add_argument("--out", required=True, help="output folder (refused if not empty)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
-    if pdf:
-        parser.add_argument("--pdf", action="store_true", help="also write PDF figures")
-    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
-    _add_device(parser)
-
-
-def _add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-
-
 def _add_stage_parsers(sub) -> None:
     """``koopnet train`` and ``koopnet scale``: the first two stages on saved artifacts."""
     train = sub.add_parser("train", help="stage 1: train an MLP -> model.safetensors/json")
@@ -186,7 +168,7 @@ def _add_stage_parsers(sub) -> None:
     train.add_argument("--n-val", type=int, help="validation images carved from an idx:PATH or "
                                                  "mnist training set (default: min(5000, a "
                                                  "tenth of it))")
-    _add_common(train)
+    add_common(train)
     train.set_defaults(func=cmd_train)
 
     scale = sub.add_parser("scale", help="stage 2: insert and train width-preserving blocks "
@@ -205,7 +187,7 @@ def _add_stage_parsers(sub) -> None:
     scale.add_argument("--n-inserted", type=int, default=10, help="inserted blocks N (T = N+2)")
     scale.add_argument("--init", choices=("he", "identity"), default="he")
     scale.add_argument("--epochs", type=int, help="scaling epochs (default 1000)")
-    _add_common(scale)
+    add_common(scale)
     scale.set_defaults(func=cmd_scale)
 
 
@@ -236,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("dataset", help="yinyang")
     study.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     study.add_argument("--quick", action="store_true", help="tiny smoke-test version")
-    _add_common(study, data_dir=False, pdf=True)
+    add_common(study, data_dir=False, pdf=True)
     study.set_defaults(func=cmd_study)
 
     _add_stage_parsers(sub)
@@ -247,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "streamed, sharded DMD fit from a trajectory file (torchrun-ready)"),
         stage=True)
     fit.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
-    _add_device(fit)
+    add_device(fit)
     fit.set_defaults(func=cmd_fit)
     evaluate = sub.add_parser("evaluate", help="stage 4: accuracy of original, scaled and "
                                                "hybrid -> results.json")
@@ -255,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="score on this data instead of the recorded data set's "
                                          "val/test splits (.npy, .safetensors or a name)")
     evaluate.add_argument("--labels", help=".npy class indices for --data")
-    _add_common(evaluate, seed=False)
+    add_common(evaluate, seed=False)
     evaluate.set_defaults(func=cmd_evaluate)
     from koopnet.cli.edit import add_edit_parser
 

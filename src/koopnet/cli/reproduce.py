@@ -12,7 +12,7 @@ import argparse
 import json
 import logging
 
-from koopnet.cli.main import _add_common
+from koopnet.cli.options import add_common
 from koopnet.io.artifacts import check_output_dir, staged_folder
 
 log = logging.getLogger("koopnet")
@@ -30,7 +30,7 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     rep.add_argument("--observables", type=_observables, metavar="NAMES",
                      help="clean protocol: comma-separated observables of the sweep, chosen "
                           "among on validation: delay (default), learned or delay,learned")
-    _add_common(rep, pdf=True)
+    add_common(rep, pdf=True)
     rep.set_defaults(func=cmd_reproduce, seed=None)
     return rep
 
