@@ -160,3 +160,22 @@ def test_delay_dmd_recovers_scalar_oscillator():
     expected = torch.tensor([complex(torch.cos(torch.tensor(0.3)), s * torch.sin(torch.tensor(0.3)))
                              for s in (1, -1)], dtype=torch.complex128)
     assert torch.allclose(_sorted(dmd.eigenvalues_), _sorted(expected), atol=1e-8)
+
+
+@pytest.mark.parametrize("exact_rollout", [False, True])
+def test_transitions_are_every_transition_from_one_running_product(exact_rollout):
+    generator = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 5, generator=generator, dtype=torch.float64)
+    Y = X @ (0.4 * torch.randn(5, 5, generator=generator, dtype=torch.float64)).T
+    dmd = DMD(rank=4, exact_rollout=exact_rollout).fit_pairs(X, Y)
+    readout = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    for left in (readout, None):
+        maps = dmd.transitions(6, left)
+        assert maps.shape == ((6, 3, 5) if left is not None else (6, 5, 5))
+        for m in range(1, 7):
+            torch.testing.assert_close(maps[m - 1], dmd.transition(m, left), rtol=0, atol=1e-12)
+    assert dmd.transitions(0, readout).shape == (0, 3, 5)
+    # the two roll-outs differ, so the check above tells them apart
+    other = DMD(rank=4, exact_rollout=not exact_rollout).fit_pairs(X, Y)
+    assert not torch.allclose(other.transitions(2, readout), dmd.transitions(2, readout),
+                              atol=1e-6)

@@ -251,6 +251,22 @@ class DMD:
             left = left @ self.operator_  # [k, R]
         return left @ self.basis_.T  # [k, D]
 
+    def transitions(self, n_steps: int, readout: torch.Tensor | None = None) -> torch.Tensor:
+        """``transition(m, readout)`` for every m = 1..n_steps from one running product, for a
+        roll-out's every state: one [k, R] @ [R, R] product per step instead of m at step m.
+        Shape: [n_steps, D, D], or [n_steps, k, D] with a readout [k, D]; entry m-1 is step m.
+        """
+        check_is_fitted(self, "operator_")
+        n_steps = check_int(n_steps, "n_steps", low=0)
+        left = self.transition(0, readout)  # [k, D] on the fit's device and dtype
+        maps = left.new_empty(n_steps, *left.shape)  # [n_steps, k, D]
+        left = left @ (self._projected if self.exact_rollout else self.basis_)  # [k, R]
+        for m in range(n_steps):
+            if m > 0 or not self.exact_rollout:  # exact: P A~^(m-1) V^T; projected: V A~^m V^T
+                left = left @ self.operator_  # [k, R]
+            maps[m] = left @ self.basis_.T
+        return maps
+
     def predict(self, lifted: torch.Tensor, n_steps: int = 1) -> torch.Tensor:
         """Advance lifted states ``n_steps`` steps, computed on the device of the fit and
         returned on the device of ``lifted``. Shape: [n, D] -> [n, D] (real)."""

@@ -164,10 +164,11 @@ def state_errors(observable, dmd: DMD, states: torch.Tensor, h: int, width: int,
     first = h - observable.n_delays_  # a dictionary without delays lifts s_h alone
     lifted = observable.transform(states[:, first:h + 1])[:, -1]  # [B, D]
     readout = observable.readout(states.shape[2])  # [W, D]
+    steps = dmd.transitions(T - 1 - h, readout)  # [T-1-h, W, D], step m at m-1
     errors = []
     for t in range(h + 1, T):
         w = out_width if t == T - 1 else width
-        step = dmd.transition(t - h, readout)[:w]  # [w, D]
+        step = steps[t - h - 1, :w]  # [w, D]
         true = states[:, t, :w].to(step.dtype)  # [B, w]
         error = lifted.to(step.dtype) @ step.T - true
         errors.append(float(error.norm() / true.norm().clamp_min(1e-12)))
