@@ -10,7 +10,7 @@ from torch import nn
 
 from koopnet import KoopmanHybrid, forget_class, load_hybrid, save_hybrid
 from koopnet.editing import _lifted
-from koopnet.forgetting import METHODS, _shares
+from koopnet.forgetting import METHODS, _Moments, _shares
 from koopnet.observables import TimeDelay
 
 WIDTH = 5
@@ -239,3 +239,27 @@ def test_cli_forget_method_needs_forget_class(tmp_path, capsys):
     assert code != 0
     assert "--forget-method erase applies to --forget-class only" in capsys.readouterr().err
     assert not (tmp_path / "edited").exists()
+
+
+def test_reweighted_moments_equal_the_weighted_centred_moments():
+    """The incremental re-weighting of the least-squares methods equals the direct weighted,
+    centred Gram and cross moments (it only skips the samples whose weight did not change)."""
+    g = torch.Generator().manual_seed(3)
+    lifted = torch.randn(200, 6, generator=g, dtype=torch.float64) + 5.0
+    targets = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    moments = _Moments(lifted, targets)
+    w = torch.ones(200, dtype=torch.float64)
+    for _ in range(3):
+        change = torch.where(torch.rand(200, generator=g) < 0.1, 2 * w, torch.zeros_like(w))
+        moments.reweigh(change)
+        w = w + change
+        share = (w / w.sum())[:, None]
+        g_mean, t_mean = (share * lifted).sum(0), (share * targets).sum(0)
+        centred = lifted - g_mean
+        gram, cross, g_bar, t_bar = moments.centred()
+        torch.testing.assert_close(gram, (centred * w[:, None]).T @ centred, rtol=1e-10,
+                                   atol=1e-9)
+        torch.testing.assert_close(cross, (centred * w[:, None]).T @ (targets - t_mean),
+                                   rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(g_bar, g_mean)
+        torch.testing.assert_close(t_bar, t_mean)

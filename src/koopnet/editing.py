@@ -256,11 +256,15 @@ def _lifted(hybrid, X: torch.Tensor) -> torch.Tensor:
         return hybrid.observable.transform(states)[:, -1].to(**_F64)
 
 
-def _logits(hybrid, lifted: torch.Tensor, linear_map: torch.Tensor) -> torch.Tensor:
+def _logits(hybrid, lifted: torch.Tensor, linear_map: torch.Tensor,
+            offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The tail's logits of p = linear_map g (+ offset). Shape: lifted [n, D] -> [n, C]."""
     parameter = next(hybrid.tail.parameters())  # the tail runs where it lives
     with torch.no_grad():
-        predicted = (lifted @ linear_map.T).to(parameter.device, parameter.dtype)  # [n, w']
-        return hybrid.tail(predicted).to(**_F64)
+        predicted = lifted @ linear_map.T  # [n, w']
+        if offset is not None:
+            predicted += offset
+        return hybrid.tail(predicted.to(parameter.device, parameter.dtype)).to(**_F64)
 
 
 def resdmd_residuals(hybrid, stats: PairStatistics) -> torch.Tensor:

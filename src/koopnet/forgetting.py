@@ -59,17 +59,22 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(gram + damping * torch.eye(len(gram), **_F64), rhs)
 
 
-def _erase(lifted: torch.Tensor, forget: torch.Tensor, M: torch.Tensor, b: torch.Tensor,
-           ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M', b') of ``"erase"`` applied after p = M g + b. Shape: lifted [n, D], M [w', D]."""
+def _erasure(lifted: torch.Tensor, forget: torch.Tensor, ridge: float):
+    """What ``"erase"`` needs of the data, (a, dm, kept mean) (see the module docs), or None
+    when dm = 0 (the class means of g, hence of p, already coincide). Shape: lifted [n, D]."""
     kept_mean = lifted[~forget].mean(0)
     gap = lifted[forget].mean(0) - kept_mean  # dm [D]
     centred = lifted[~forget] - kept_mean
     a = _solve(centred.T @ centred / len(centred), gap, ridge)  # S^+ dm [D]
-    along = float(a @ gap)
-    if not along > 0:  # dm = 0: the class means of g, hence of p, already coincide
+    return (a, gap, kept_mean) if float(a @ gap) > 0 else None
+
+
+def _erase(M: torch.Tensor, b: torch.Tensor, erasure) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M', b') of ``"erase"`` applied after p = M g + b. Shape: M [w', D]."""
+    if erasure is None:
         return M, b
-    shift = M @ gap / along  # [w']
+    a, gap, kept_mean = erasure
+    shift = M @ gap / float(a @ gap)  # [w']
     return M - shift[:, None] * a[None, :], b + shift * float(a @ kept_mean)
 
 
@@ -140,6 +145,36 @@ def _match(M: torch.Tensor, gram: torch.Tensor, gaps: torch.Tensor, ridge: float
     return M - (M @ gaps) @ torch.linalg.pinv(gaps.T @ whitened) @ whitened.T
 
 
+class _Moments:
+    """Weighted moments of the pairs (g_i, t_i) about their unweighted means, kept up to date
+    as weights change: a re-weighting touches only the samples whose weight moved, so each
+    round after the first costs those samples instead of all n. Shape: g [n, D], t [n, w']."""
+
+    def __init__(self, lifted: torch.Tensor, targets: torch.Tensor) -> None:
+        self.centre = lifted.mean(0), targets.mean(0)
+        self.d, self.e = lifted - self.centre[0], targets - self.centre[1]
+        self.dd, self.de = self.d.T @ self.d, self.d.T @ self.e  # sum w d d^T, sum w d e^T
+        self.sd, self.se = self.d.sum(0), self.e.sum(0)
+        self.total = float(len(lifted))
+
+    def reweigh(self, change: torch.Tensor) -> None:
+        """Add ``change`` [n] to the weights (zero for the samples that keep theirs)."""
+        moved = change.nonzero().flatten()
+        d, e, dw = self.d[moved], self.e[moved], change[moved, None]
+        self.dd += (d * dw).T @ d
+        self.de += (d * dw).T @ e
+        self.sd += (d * dw).sum(0)
+        self.se += (e * dw).sum(0)
+        self.total += float(dw.sum())
+
+    def centred(self):
+        """(gram [D, D], cross [D, w']) about the weighted means, and those means of g and t."""
+        g_bar, t_bar = self.sd / self.total, self.se / self.total
+        gram = self.dd - self.total * torch.outer(g_bar, g_bar)
+        cross = self.de - self.total * torch.outer(g_bar, t_bar)
+        return gram, cross, self.centre[0] + g_bar, self.centre[1] + t_bar
+
+
 def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map: torch.Tensor,
               *, finish: str, rounds: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, b) of ``"reassign"`` (``finish`` "none"), ``"reassign-erase"`` ("erase": then
@@ -156,22 +191,21 @@ def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map:
     if finish == "match":  # what the constraint M G = 0 closes, one column per share
         gaps = torch.stack([lifted[mask].mean(0) - lifted[y == k].mean(0)
                             for mask, k in shares], 1)  # [D, shares]
-    forget = y == c
-    ones = torch.ones(len(lifted), 1, **_F64)
+    erasure = _erasure(lifted, y == c, ridge) if finish == "erase" else None
     w = torch.ones(len(y), **_F64)
-    for _ in range(rounds):
-        share = (w / w.sum())[:, None]
-        g_mean, t_mean = (share * lifted).sum(0), (share * targets).sum(0)
-        centred = lifted - g_mean
-        gram = (centred * w[:, None]).T @ centred
-        M = _solve(gram, (centred * w[:, None]).T @ (targets - t_mean), ridge).T  # [w', D]
+    moments = _Moments(lifted, targets)
+    for round_ in range(rounds):
+        gram, cross, g_mean, t_mean = moments.centred()
+        M = _solve(gram, cross, ridge).T  # [w', D]
         if finish == "match":
             M = _match(M, gram, gaps, ridge)
         b = t_mean - M @ g_mean
         if finish == "erase":
-            M, b = _erase(lifted, forget, M, b, ridge)
-        outcome = _logits(hybrid, torch.cat([lifted, ones], 1), torch.cat([M, b[:, None]], 1))
-        w = _reweigh(w, outcome.argmax(1), y, c)
+            M, b = _erase(M, b, erasure)
+        if round_ < rounds - 1:
+            new_w = _reweigh(w, _logits(hybrid, lifted, M, b).argmax(1), y, c)
+            moments.reweigh(new_w - w)
+            w = new_w
     return M, b
 
 
@@ -247,7 +281,9 @@ def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
     the other samples' mean on (X, y); with ``"reassign-match"`` each share of the class has
     the mean of its kept class. The edit is affine in g, so it forgets the class only as
     far as g separates it linearly: score the result on held-out data, and probe its features,
-    before relying on it.
+    before relying on it. The least-squares methods cost one [D, D] Gram matrix over the n
+    samples (a re-weighting then touches only the samples whose weight changed): where n D^2
+    is too slow, pass a random subset of (X, y).
     Shape: X [n, features], y [n]; the result maps inputs to logits as ``hybrid`` does.
     """
     if not isinstance(hybrid, KoopmanHybrid):
@@ -283,8 +319,8 @@ def forget_class(hybrid: KoopmanHybrid, class_index: int, X, y, *,
     if method == "leace":
         new_map, offset = _leace(lifted, forget, linear_map, torch.zeros_like(linear_map[:, 0]))
     elif method == "erase":
-        new_map, offset = _erase(lifted, forget, linear_map, torch.zeros_like(linear_map[:, 0]),
-                                 ridge)
+        new_map, offset = _erase(linear_map, torch.zeros_like(linear_map[:, 0]),
+                                 _erasure(lifted, forget, ridge))
     else:
         finish = {"reassign-erase": "erase", "reassign-match": "match"}.get(method, "none")
         new_map, offset = _reassign(hybrid, lifted, y, c, linear_map, ridge=ridge,
