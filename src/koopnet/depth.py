@@ -192,13 +192,10 @@ class DepthHybrid(PsiFollowsDevice, nn.Module):
             raise TypeError(f"per_position={per_position!r} must be True or False.")
         self.blocks, self.n_delays, self.per_position = names, h, per_position
         self.linear_steps = len(names) - h
-        learned = isinstance(observable, LearnedObservable)
-        observable = copy.deepcopy(observable) if learned else observable  # psi moves with us
-        self.observable, self.dmd_ = observable, dmd
         readout = observable.readout(observable.n_features_in_).to(dmd.dtype)  # [W, D]
         linear_map = dmd.transition(self.linear_steps, readout).to(model_device(model))
-        if learned:
-            observable.to(linear_map.device)
+        observable = self._own_observable(observable, linear_map.device)
+        self.observable, self.dmd_ = observable, dmd
         self.model = copy.deepcopy(model)
         self.__dict__["_buffer"] = buffer = []
         modules = dict(self.model.named_modules())

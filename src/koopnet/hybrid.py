@@ -75,8 +75,7 @@ class KoopmanHybrid(PsiFollowsDevice, nn.Module):
             raise TypeError(f"compute_dtype={compute_dtype!r} must be None or a floating "
                             "torch.dtype such as torch.float64.")
         self.head, self.prefix, self.tail = head, prefix, tail
-        if isinstance(observable, LearnedObservable):  # its own psi, on the map's device
-            observable = copy.deepcopy(observable).to(linear_map.device)
+        observable = self._own_observable(observable, linear_map.device)
         self.observable, self.pad_value, self.compute_dtype = observable, pad_value, compute_dtype
         self.layer, self.n_delays, self.n_blocks = layer, h, len(prefix)
         self.width, self.out_width = width, linear_map.shape[0]

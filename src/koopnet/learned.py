@@ -27,6 +27,8 @@ charge the encoder as the inserted blocks it costs.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -290,10 +292,19 @@ class LearnedObservable:
 class PsiFollowsDevice:
     """Mixin for a hybrid module holding ``observable`` and a ``linear_map`` buffer: ``.to()``,
     ``.cuda()`` and ``.cpu()`` move the buffers, and a learned observable's psi, which is not
-    a submodule, follows the map to its device."""
+    a submodule, follows the map to its device (the hybrid's own copy of it, from
+    ``_own_observable`` in its constructor)."""
 
     observable: object
     linear_map: torch.Tensor
+
+    @staticmethod
+    def _own_observable(observable, device: torch.device):
+        """The observable a hybrid keeps: a learned one is deep-copied onto ``device``, so that
+        moving the hybrid moves its own psi and never the caller's; a TimeDelay is shared."""
+        if isinstance(observable, LearnedObservable):
+            return copy.deepcopy(observable).to(device)
+        return observable
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
