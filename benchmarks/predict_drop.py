@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -280,7 +281,9 @@ def markdown(report: dict) -> str:
         text = {**text, "title": "# Predicting the accuracy drop (clean Yin-Yang, seeds {seeds})",
                 "command": text["command"].replace(
                     "predict_drop.py`", f"predict_drop.py {report['command_args']}`"),
-                "builtin": "(calibrated on seeds 0-2: out of sample here):"}
+                "builtin": "(calibrated on seeds 0-2: in sample for those seeds, out of sample "
+                           "for the others):" if report["command_args"].startswith("--pool")
+                           else "(calibrated on seeds 0-2: out of sample here):"}
     lines = [text["title"].format(seeds=", ".join(map(str, report["seeds"]))), "",
              f"{text['command']}cells measured at commit {report['cells_commit']}; report at "
              f"commit {report['commit']}, {report['elapsed_s']:.0f} s).", *text["grid"], "",
@@ -293,15 +296,18 @@ def markdown(report: dict) -> str:
              "`exact_flip_ref` is NOT a score: it runs the tail on the roll-out (the hybrid's "
              "own decisions, least over the same fits), an upper reference for any prediction "
              "built on these fits.", "",
-             "| score | rho (all) | rho per layer (1, 2, 3) | time per cell |",
-             "|---|---|---|---|"]
+             "| score | rho (all) | rho per layer (1, 2, 3) | rho per seed, mean +- sd | "
+             "time per cell |", "|---|---|---|---|---|"]
     for score in (*SCORES, "exact_flip_ref"):
         per = report["rho_per_layer"][score]
         key = "flip_time_s" if score in ("flip", "flip_margin") else "score_time_s"
         clock = "-" if score in ("flip_one_fit", "exact_flip_ref") else \
             f"{report['mean_time_s'][key]:.2f} s"
+        seeds = list(report["rho_per_seed"][score].values())
+        spread = f" +- {statistics.stdev(seeds):.3f}" if len(seeds) > 1 else ""
         lines.append(f"| {score} | {report['rho'][score]:.3f} | "
-                     f"{', '.join(f'{v:.3f}' for v in per.values())} | {clock} |")
+                     f"{', '.join(f'{v:.3f}' for v in per.values())} | "
+                     f"{statistics.mean(seeds):.3f}{spread} | {clock} |")
     bar = [s for s in SCORES if report["rho"][s] >= 0.9]
     lines += ["", f"Issue 13's bar, rho >= 0.9 over all cells: met by {', '.join(bar) or 'none'}; "
               "within every layer: met by " + (", ".join(
@@ -372,6 +378,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=mnist_runs.CACHE,
                         help="MNIST: the cached runs of benchmarks/mnist_runs.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--pool", nargs="+", default=None, metavar="NAME",
+                        help="recompute the report from the cells of several saved results "
+                             "(e.g. predict_drop predict_drop_seeds_3-7); needs --name")
     parser.add_argument("--name", default=None,
                         help="results file stem (default predict_drop, predict_drop_mnist; "
                              "Yin-Yang seeds other than 0 1 2: predict_drop_seeds_A-B)")
@@ -385,7 +394,15 @@ def main() -> None:
                          "predict_drop")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
                             capture_output=True, text=True).stdout.strip()
-    if args.reuse:
+    if args.pool:
+        if args.name is None:
+            parser.error("--pool needs --name, the stem of the pooled report")
+        saved = [json.loads((out / f"{stem}.json").read_text()) for stem in args.pool]
+        cells = [c for report in saved for c in report["cells"]]
+        cells_commit = ", ".join(report.get("cells_commit", report["commit"]) for report in saved)
+        seeds = sorted({c["seed"] for c in cells})
+        other = True
+    elif args.reuse:
         saved = json.loads((out / f"{name}.json").read_text())
         cells, cells_commit = saved["cells"], saved.get("cells_commit", saved["commit"])
     else:
@@ -399,10 +416,14 @@ def main() -> None:
     report = {
         **({"dataset": "mnist", "sweep_grid": mnist_runs.SWEEP, "score_train": SCORE_TRAIN}
            if args.dataset == "mnist" else {}),
-        **({"command_args": f"--seeds {' '.join(map(str, seeds))}"} if other else {}),
+        **({"command_args": f"--pool {' '.join(args.pool)} --name {name}" if args.pool else
+            f"--seeds {' '.join(map(str, seeds))}"} if other else {}),
         "commit": commit, "cells_commit": cells_commit,
         "seeds": seeds, "tolerance": TOLERANCE, "n_cells": len(cells),
         "rho": {s: rank_correlation([c[s] for c in cells], drops) for s in ranked},
+        "rho_per_seed": {s: {seed: rank_correlation(
+            [c[s] for c in cells if c["seed"] == seed],
+            [c["drop"] for c in cells if c["seed"] == seed]) for seed in seeds} for s in ranked},
         "rho_per_layer": {s: {layer: rank_correlation(
             [c[s] for c in cells if c["layer"] == layer],
             [c["drop"] for c in cells if c["layer"] == layer]) for layer in layers}
