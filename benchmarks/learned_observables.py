@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from koopnet.io.serialize import load_scaled, save_scaled
+from koopnet.lab import predict
 from koopnet.lab.protocols import load_protocol_data, run_experiment
 from koopnet.lab.recipes import default_config
 from koopnet.lab.study import StudyConfig, compare_layer
@@ -76,13 +77,7 @@ def scaled_layers(seed: int, quick: bool, cache: Path | None):
 
 def state_errors(observable, dmd, states: torch.Tensor, widths, h: int) -> dict:
     """Held-out relative error of each predicted state s_{h+1}..s_{T-1} from s_0..s_h."""
-    lifted = observable.transform(states[:, :h + 1])[:, -1].double()  # [B, D]
-    errors = []
-    for k in range(1, states.shape[1] - h):
-        w = widths[h + k]
-        predicted = lifted @ dmd.transition(k, observable.readout(w)).T  # [B, w]
-        target = states[:, h + k, :w].double()
-        errors.append(float((predicted - target).norm() / target.norm()))
+    errors = predict.state_errors(observable, dmd, states, h, widths[h + 1], widths[-1])
     radius = float(dmd.eigenvalues_.abs().max())
     return {"rel_error_mean": statistics.fmean(errors), "rel_error_last": errors[-1],
             "rel_errors": errors, "spectral_radius": radius}
