@@ -30,6 +30,14 @@ run as separate processes and a last call with every seed only merges them:
 The learned observables train psi once per (layer, h), so they run on a coarser h grid
 (``--learned-delays``, default 1 4 8) than the delay DMD (0..10).
 Results: benchmarks/results/learned_observables.{json,md} (``--quick``: *_quick.*).
+
+The issue's nonlinear-work budget (at most 2 inserted blocks between s_0 and the layer's output,
+latent dims at most 4x the width) at 9 charged linear steps, with 10x the default training:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/learned_observables.py --seeds 0 1 2 \
+        --observables "learned, 1-block encoder" --learned-delays 0 --latent-ratio 2 \
+        --learned-steps 3000 --name learned_budget_h0      # h = 0, psi of 2 blocks
+    ... --learned-delays 1 --learned-steps 3000 --name learned_budget_h1  # h = 1, psi of 1
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -84,9 +91,12 @@ def state_errors(observable, dmd, states: torch.Tensor, widths, h: int) -> dict:
 
 
 def run_seed(seed: int, study: StudyConfig, delays: dict, quick: bool,
-             cache: Path | None) -> dict:
-    """Rows of one seed; with ``cache`` they are kept in run_seed{s}.json and reused."""
-    saved = None if cache is None else cache / f"run_seed{seed}{'_quick' if quick else ''}.json"
+             cache: Path | None, latent_ratio: float | None = None, tag: str = "") -> dict:
+    """Rows of one seed; with ``cache`` they are kept in run_seed{s}{tag}.json and reused.
+    ``latent_ratio``: psi's latent dims as a multiple of each layer's width (None: the
+    study's ``learned_latent``)."""
+    saved = None if cache is None else \
+        cache / f"run_seed{seed}{'_quick' if quick else ''}{tag}.json"
     if saved is not None and saved.is_file():
         return json.loads(saved.read_text())
     config = default_config("yinyang", seed=seed, quick=quick)
@@ -100,7 +110,9 @@ def run_seed(seed: int, study: StudyConfig, delays: dict, quick: bool,
         states = {"val": collect_trajectories(scaled, data.val.X).states, "test": test.states}
         clock = time.perf_counter()
         found, fits = [], {}
-        for name in OBSERVABLES:
+        if latent_ratio is not None:
+            study = dataclasses.replace(study, learned_latent=round(latent_ratio * scaled.width))
+        for name in delays:
             more, more_fits = compare_layer(scaled, train, states, labels, delays[name], study,
                                             seed, config.exact_rollout, observables=(name,))
             found, fits = found + more, {**fits, **more_fits}
@@ -111,7 +123,10 @@ def run_seed(seed: int, study: StudyConfig, delays: dict, quick: bool,
             blocks = macs / scaled.width**2
             rows.append({**row, "width": scaled.width, "encoder_macs": macs,
                          "encoder_blocks": blocks,
-                         "charged_linear_steps": row["linear_steps"] - math.ceil(blocks),
+                         # the study's rows already charge psi: linear_steps = roll-out steps
+                         # - ceil(encoder_blocks); this table shows both
+                         "linear_steps": test.states.shape[1] - 1 - row["n_delays"],
+                         "charged_linear_steps": row["linear_steps"],
                          **state_errors(observable, dmd, test.states, test.widths,
                                         row["n_delays"])})
         print(f"seed {seed} layer {layer}: {seconds:.0f}s", flush=True)
@@ -126,11 +141,16 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def ran(rows: list[dict]) -> list[str]:
+    """The observables of OBSERVABLES that have rows, in that order."""
+    return [name for name in OBSERVABLES if any(r["observable"] == name for r in rows)]
+
+
 def summarise(runs: list[dict]) -> dict:
     original, _ = _mean_sd([r["original"]["test_accuracy"] for r in runs])
     rows = [row for run in runs for row in run["rows"]]
     cells, depth = [], {}
-    for name in OBSERVABLES:
+    for name in ran(rows):
         for layer in sorted({r["layer"] for r in rows}):
             by_h: dict[int, list[dict]] = {}
             for r in rows:
@@ -156,6 +176,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def render(summary: dict, runs: list[dict], meta: dict) -> str:
+    names = ran([row for run in runs for row in run["rows"]])
     lines = ["# Learned observables vs delay DMD (clean Yin-Yang)", "",
              f"Command: `{meta['command']}` (commit {meta['commit']}, {meta['seconds']:.0f} s, "
              f"seeds {meta['seeds']}). Test accuracy of the validation-chosen row, mean +- sd "
@@ -164,11 +185,11 @@ def render(summary: dict, runs: list[dict], meta: dict) -> str:
              "Cells: test accuracy % (mean +- sd) / relative error of the last predicted "
              "state s_{T-1} on test (mean over seeds) / encoder cost in inserted blocks "
              "(MACs of psi / W^2).", "",
-             "| layer | h | linear steps | " + " | ".join(OBSERVABLES) + " |",
-             "|---|---|---|" + "---|" * len(OBSERVABLES)]
+             "| layer | h | linear steps | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
     cells = {(c["observable"], c["layer"], c["n_delays"]): c for c in summary["cells"]}
     for layer, h in sorted({(c["layer"], c["n_delays"]) for c in summary["cells"]}):
-        found = [cells.get((name, layer, h)) for name in OBSERVABLES]
+        found = [cells.get((name, layer, h)) for name in names]
         steps = next(c["linear_steps"] for c in found if c is not None)
         parts = ["-" if c is None else f"{100 * c['test_mean']:.2f} +- "
                  f"{100 * c['test_sd']:.2f} / {c['rel_error_last']:.3g} / "
@@ -185,10 +206,11 @@ def render(summary: dict, runs: list[dict], meta: dict) -> str:
     study = meta["study"]
     lines += ["", f"Grid: h = {meta['delays']}; constant observable on for all; rank in "
               f"{study['ranks']} x Tikhonov in {study['tikhonovs']} chosen on validation; "
-              f"learned psi: {study['learned_steps']} Adam steps, latent dims = layer width, "
+              f"learned psi: {study['learned_steps']} Adam steps, latent dims = "
+              f"{meta.get('latent_ratio') or 1} x the layer width, "
               "seed = the protocol seed. Per-seed rows are computed by separate processes "
-              "(run_seed{s}.json in --cache) and merged by the call above; each row lists all "
-              "relative errors s_{h+1}..s_{T-1} and the spectral radius in the JSON."]
+              "(run_seed{s}[_NAME].json in --cache) and merged by the call above; each row "
+              "lists all relative errors s_{h+1}..s_{T-1} and the spectral radius in the JSON."]
     return "\n".join(lines) + "\n"
 
 
@@ -200,17 +222,28 @@ def main(argv=None) -> None:
     parser.add_argument("--learned-delays", type=int, nargs="+", default=[1, 4, 8],
                         help="h values of the learned observables (the delay DMD runs 0..10)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--observables", nargs="+", choices=OBSERVABLES, default=OBSERVABLES)
+    parser.add_argument("--learned-steps", type=int, default=None,
+                        help="Adam steps of psi (default: the study's)")
+    parser.add_argument("--latent-ratio", type=float, default=None,
+                        help="psi's latent dims per neuron of the layer (default 1; at most 4)")
+    parser.add_argument("--name", default="learned_observables", help="results file stem")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     study = StudyConfig(constants=(True,))
+    if args.learned_steps is not None:
+        study = dataclasses.replace(study, learned_steps=args.learned_steps)
     learned = tuple(args.learned_delays)
     delays = {"delay": tuple(range(11)), **{name: learned for name in OBSERVABLES[1:]}}
     if args.quick:
         study = dataclasses.replace(study, learned_steps=30, ranks=(None, 0.999),
                                     tikhonovs=(0.0, 1e-4))
         delays = {name: (1, 5, 10) for name in OBSERVABLES}
+    delays = {name: delays[name] for name in args.observables}
+    tag = "" if args.name == "learned_observables" else f"_{args.name}"
     clock = time.perf_counter()
-    runs = [run_seed(s, study, delays, args.quick, args.cache) for s in args.seeds]
+    runs = [run_seed(s, study, delays, args.quick, args.cache, args.latent_ratio, tag)
+            for s in args.seeds]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     given = sys.argv[1:] if argv is None else list(argv)
@@ -219,9 +252,10 @@ def main(argv=None) -> None:
             "commit": commit, "seconds": time.perf_counter() - clock, "seeds": args.seeds,
             "study": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in dataclasses.asdict(study).items()},
-            "delays": {k: list(v) for k, v in delays.items()}, "torch": torch.__version__}
+            "delays": {k: list(v) for k, v in delays.items()}, "torch": torch.__version__,
+            "latent_ratio": args.latent_ratio}
     summary = summarise(runs)
-    stem = "learned_observables" + ("_quick" if args.quick else "")
+    stem = args.name + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "summary": summary, "runs": runs}, indent=1) + "\n")
