@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -247,8 +248,8 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     given = sys.argv[1:] if argv is None else list(argv)
-    meta = {"command": " ".join(["OMP_NUM_THREADS=1 .venv/bin/python",
-                                 "benchmarks/learned_observables.py", *given]),
+    meta = {"command": "OMP_NUM_THREADS=1 .venv/bin/python " + shlex.join(
+                ["benchmarks/learned_observables.py", *given]),
             "commit": commit, "seconds": time.perf_counter() - clock, "seeds": args.seeds,
             "study": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in dataclasses.asdict(study).items()},
