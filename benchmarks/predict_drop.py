@@ -256,7 +256,7 @@ YINYANG_TEXT = {
 MNIST_TEXT = {
     "title": "# Predicting the accuracy drop (clean MNIST, seeds {seeds})",
     "command": "Command: `OMP_NUM_THREADS=1 python benchmarks/predict_drop.py --dataset mnist "
-               "--data-dir ../shared/data` (one clean run per seed from "
+               "--data-dir ../shared/data --seeds {seeds_args}` (one clean run per seed from "
                "`benchmarks/mnist_runs.py`, cached in /tmp/mnist_runs; ",
     "fits": "sweep's 15 fits",
     "grid": ["", "The MNIST runs are the clean protocol's (`default_config('mnist', seed=s)`: "
@@ -285,7 +285,8 @@ def markdown(report: dict) -> str:
                            "for the others):" if report["command_args"].startswith("--pool")
                            else "(calibrated on seeds 0-2: out of sample here):"}
     lines = [text["title"].format(seeds=", ".join(map(str, report["seeds"]))), "",
-             f"{text['command']}cells measured at commit {report['cells_commit']}; report at "
+             f"{text['command'].replace('{seeds_args}', ' '.join(map(str, report['seeds'])))}"
+             f"cells measured at commit {report['cells_commit']}; report at "
              f"commit {report['commit']}, {report['elapsed_s']:.0f} s).", *text["grid"], "",
              "Spearman rho of each score (higher = worse) against the measured validation drop "
              f"over {report['n_cells']} cells (layers x h x seeds). `flip`: predicted share of "
@@ -405,6 +406,7 @@ def main() -> None:
     elif args.reuse:
         saved = json.loads((out / f"{name}.json").read_text())
         cells, cells_commit = saved["cells"], saved.get("cells_commit", saved["commit"])
+        seeds = sorted({c["seed"] for c in cells})
     else:
         cells = [c for seed in seeds for c in (
             run_seed_mnist(seed, args.data_dir, args.cache) if args.dataset == "mnist"
