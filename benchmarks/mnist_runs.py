@@ -76,7 +76,7 @@ def sweep(config, data, nets: dict, cache: Path) -> dict:
         train = collect_trajectories(scaled, data.trajectories.X)
         val = {"val": collect_trajectories(scaled, data.val.X).states}
         labels = {"val": data.val.y}
-        for spec, _, hybrid, m in protocols._delay_fits(config, scaled, train, False):
+        for spec, _, hybrid, m in protocols.delay_fits(config, scaled, train, False):
             row = protocols.result_row(hybrid, spec, protocols.score_states(hybrid, val, labels),
                                        trajectories=m)
             rows.append(row)

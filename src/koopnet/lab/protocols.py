@@ -216,7 +216,7 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     labels = {k: v.y for k, v in sets.items()}
     sources = []
     if "delay" in config.observables:
-        sources.append(("delay", _delay_fits(config, scaled, train, progress)))
+        sources.append(("delay", delay_fits(config, scaled, train, progress)))
     if "learned" in config.observables:  # psi is trained on every training trajectory
         sources.append(("learned", ((*fit, len(train)) for fit in learned_fits(
             config, scaled, train.states, progress))))
@@ -230,7 +230,7 @@ def sweep_layer(config: ExperimentConfig, scaled: ScaledMLP, data: ProtocolData,
     return rows, fits
 
 
-def _delay_fits(config: ExperimentConfig, scaled: ScaledMLP, train, progress: bool):
+def delay_fits(config: ExperimentConfig, scaled: ScaledMLP, train, progress: bool):
     """(spec, fitted DMD, hybrid, trajectories M) of every delay-DMD row of the grid, in the
     sweep's order; pairs inside each trajectory (clean) or the paper's concatenated series."""
     # M larger than the pool (tiny IDX sets) is recorded as the count actually used.
