@@ -218,7 +218,9 @@ def markdown(table: list[dict], chosen: dict, args: argparse.Namespace) -> str:
     lines = [
         f"# The replaced layer's step: 9 linear steps of 11 on clean {name}", "",
         f"Command: `OMP_NUM_THREADS=1 python benchmarks/last_step.py {command}` (see the "
-        "script's docstring for the method). Test accuracy (%), mean +- sd over seeds; 2-delay "
+        "script's docstring for the method" + ("; the seeds ran as separate processes whose "
+                                                "rows `--merge` joined" if args.merge else "")
+        + "). Test accuracy (%), mean +- sd over seeds; 2-delay "
         f"DMD with constant and Tikhonov chosen on validation{weights}.", "",
         "| layer | scaling | original | scaled | hybrid, 9 linear steps | within 0.5 pt | "
         "K on inserts, 8 steps + real layer | its error s_10 | hybrid error s_3 | s_6 | s_10 | "
@@ -249,12 +251,19 @@ def main() -> None:
                         help="fit the DMDs on the first N training inputs (default all)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default benchmarks/results/last_step (yinyang), last_step_mnist")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="report the rows of earlier runs (one seed each, say) instead of "
+                             "running; give the other options as those runs had them")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out or RESULTS / ("last_step" if args.dataset == "yinyang" else "last_step_mnist")
-    rows = [row for seed in args.seeds
-            for row in run_seed(seed, args.layers, args.dataset, args.data_dir, args.variants,
-                                args.max_trajectories)]
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        args.seeds = sorted({row["seed"] for row in rows})
+    else:
+        rows = [row for seed in args.seeds
+                for row in run_seed(seed, args.layers, args.dataset, args.data_dir,
+                                    args.variants, args.max_trajectories)]
     table, chosen = summarise(rows)
     text = markdown(table, chosen, args)
     out.with_suffix(".json").write_text(json.dumps(
