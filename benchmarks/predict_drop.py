@@ -77,7 +77,8 @@ ONE_FIT = {"rank": None, "constant": True, "tikhonov": 1e-6}  # drop_scores' def
 SCORE_TRAIN = 10000
 
 
-def flip_reference(train, val, h: int, tail, fits: list[dict], out_width: int) -> dict:
+def flip_reference(train, val, h: int, tail, fits: list[dict], out_width: int,
+                   fitter=None) -> dict:
     """Per fit: first-order flips of the one default fit, and the EXACT flips tail(s_hat) vs
     tail(s_{T-1}), least over ``fits``. The exact one runs the hybrid's tail on its roll-out, so it
     is an upper reference for what any prediction can reach, never a score."""
@@ -86,11 +87,13 @@ def flip_reference(train, val, h: int, tail, fits: list[dict], out_width: int) -
         features = train.shape[2] * (h + 1) + fit["constant"]
         if isinstance(fit["rank"], int) and fit["rank"] > features:
             continue  # as the sweep and flip_score skip a rank the lifted state cannot hold
-        target, error = rollout_errors(train, val, h, out_width=out_width, **fit)
+        target, error = rollout_errors(train, val, h, out_width=out_width, fitter=fitter,
+                                       **fit)
         with torch.no_grad():
             changed = tail64(target + error).argmax(1) != tail64(target).argmax(1)
         exact.append(float(changed.double().mean()))
-    target, error = rollout_errors(train, val, h, out_width=out_width, **ONE_FIT)
+    target, error = rollout_errors(train, val, h, out_width=out_width, fitter=fitter,
+                                   **ONE_FIT)
     return {"flip_one_fit": first_order_flips(tail, target, error)["flip"],
             "exact_flip_ref": min(exact)}
 
@@ -133,20 +136,17 @@ def run_seed_mnist(seed: int, data_dir: str, cache: Path) -> list[dict]:
         return json.loads(path.read_text())
     run = mnist_runs.load(seed, data_dir, cache)
     config, data, sweep = run["config"], run["data"], run["sweep"]
-    cells, fit = [], predict._fit
+    cells = []
     for layer, scaled in run["scaled"].items():
         clock = time.perf_counter()
         train = collect_trajectories(scaled, data.trajectories.X).states
         val = collect_trajectories(scaled, data.val.X).states
-        predict._fit = gram_fits(train)
-        try:
-            for h in config.delays:
-                if (layer, h) in sweep["cells"]:
-                    cells.append(score_cell(config, layer, scaled, train[:SCORE_TRAIN], val, h,
-                                            sweep["cells"][layer, h],
-                                            sweep["original"]["val_accuracy"]))
-        finally:
-            predict._fit = fit
+        fitter = gram_fits(train)
+        for h in config.delays:
+            if (layer, h) in sweep["cells"]:
+                cells.append(score_cell(config, layer, scaled, train[:SCORE_TRAIN], val, h,
+                                        sweep["cells"][layer, h],
+                                        sweep["original"]["val_accuracy"], fitter))
         print(f"seed {seed}: layer {layer} scored in {time.perf_counter() - clock:.0f} s",
               flush=True)
     path.write_text(json.dumps(cells))
@@ -154,11 +154,11 @@ def run_seed_mnist(seed: int, data_dir: str, cache: Path) -> list[dict]:
 
 
 def gram_fits(train: torch.Tensor):
-    """MNIST: a stand-in for ``koopnet.lab.predict._fit`` that fits each DMD as the sweep does,
-    from the streamed Gram statistics of ALL training trajectories ``train`` [B, T, W] (equal
-    to the SVD route in theory), one eigendecomposition per (h, constant) shared by every rank
-    and Tikhonov value: the scores' fits are then the sweep's own fits, in seconds instead of
-    an SVD of the lifted pairs per fit."""
+    """MNIST: the scores' ``fitter`` (``koopnet.lab.predict.drop_scores``): each DMD as the
+    sweep fits it, from the streamed Gram statistics of ALL training trajectories ``train``
+    [B, T, W] (equal to the SVD route in theory), one eigendecomposition per (h, constant)
+    shared by every rank and Tikhonov value: the scores' fits are then the sweep's own fits, in
+    seconds instead of an SVD of the lifted pairs per fit."""
     moments = TrajectoryMoments(train.shape[1], train.shape[2])
     for start in range(0, len(train), 8192):
         moments.update(train[start:start + 8192])
@@ -174,28 +174,25 @@ def gram_fits(train: torch.Tensor):
 
 
 def score_cell(config, layer: int, scaled, train, val, h: int, best: dict,
-               original: float) -> dict:
+               original: float, fitter=None) -> dict:
     """One (layer, h) cell: its scores (from trajectories alone) and the measured drop of the
-    sweep's best validation row ``best``."""
+    sweep's best validation row ``best``; ``fitter``: how the scores fit their DMDs (default:
+    on ``train``'s lifted pairs)."""
     clock = time.perf_counter()
-    scores = drop_scores(train, val, h, out_width=scaled.out_width)
-    # the sweep picks among Tikhonov values; so can the roll-out score (still closed form)
-    if config.dataset == "mnist":  # the same number without drop_scores' other scores
-        scores["rollout_min"] = min(
-            predict._relative(error, target) for target, error in (
-                rollout_errors(train, val, h, tikhonov=t, out_width=scaled.out_width)
-                for t in config.tikhonovs))
-    else:
-        scores["rollout_min"] = min(
-            drop_scores(train, val, h, tikhonov=t, out_width=scaled.out_width)["rollout"]
-            for t in config.tikhonovs)
+    scores = drop_scores(train, val, h, out_width=scaled.out_width, fitter=fitter)
+    # the sweep picks among Tikhonov values; so can the roll-out score (still closed form):
+    # drop_scores' rollout, from the roll-out errors alone
+    scores["rollout_min"] = min(
+        predict._relative(error, target) for target, error in (
+            rollout_errors(train, val, h, tikhonov=t, out_width=scaled.out_width, fitter=fitter)
+            for t in config.tikhonovs))
     score_time = time.perf_counter() - clock
     clock = time.perf_counter()
     scores |= flip_score(train, val, h, scaled.tail, fits=sweep_fits(config),
-                         out_width=scaled.out_width)
+                         out_width=scaled.out_width, fitter=fitter)
     flip_time = time.perf_counter() - clock
     scores |= flip_reference(train, val, h, scaled.tail, sweep_fits(config),
-                             scaled.out_width)
+                             scaled.out_width, fitter)
     return {"seed": config.seed, "layer": layer, "h": h, **scores,
             "score_time_s": score_time, "flip_time_s": flip_time,
             "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"],

@@ -108,11 +108,15 @@ def _fit(train: torch.Tensor, h: int, constant: bool, tikhonov: float, rank=None
 
 
 def drop_scores(train_states, val_states, h: int, *, constant: bool = True,
-                tikhonov: float = 1e-6, out_width: int | None = None) -> dict[str, float]:
+                tikhonov: float = 1e-6, out_width: int | None = None,
+                fitter=None) -> dict[str, float]:
     """Closed-form scores of delay h (no hybrid is built or evaluated).
 
     ``out_width`` limits the last-state comparisons to its first neurons (the replaced layer's
-    real width; the rest is padding). Shape: train_states [B, T, W], val_states [B', T, W].
+    real width; the rest is padding). ``fitter(train, h, constant, tikhonov, rank)`` returns the
+    fitted (observable, DMD); default: a TimeDelay and a DMD of the lifted train pairs (pass
+    another to reuse fits, e.g. ones from Gram statistics of more trajectories).
+    Shape: train_states [B, T, W], val_states [B', T, W].
     Returns r2, unexplained (1 - r2), residual and rollout (see the module docstring).
     """
     h = check_int(h, "h", low=0)
@@ -120,7 +124,7 @@ def drop_scores(train_states, val_states, h: int, *, constant: bool = True,
     train, val = _check_states(train_states, val_states, h)
     n_steps, width = train.shape[1] - 1 - h, train.shape[2]
     out = width if out_width is None else check_int(out_width, "out_width", low=1, high=width)
-    observable, dmd = _fit(train, h, constant, tikhonov)
+    observable, dmd = (fitter or _fit)(train, h, constant, tikhonov)
     lifted_train = observable.transform(train)  # [B, T-h, D]
     lifted_val = observable.transform(val)  # [B', T-h, D]
     target_train, target_val = train[:, -1, :out], val[:, -1, :out]  # [B, out], [B', out]
@@ -133,18 +137,20 @@ def drop_scores(train_states, val_states, h: int, *, constant: bool = True,
 
 
 def rollout_errors(train_states, val_states, h: int, *, constant: bool = True,
-                   tikhonov: float = 1e-6, rank=None, out_width: int | None = None):
+                   tikhonov: float = 1e-6, rank=None, out_width: int | None = None,
+                   fitter=None):
     """Held-out last states s_{T-1} and the error e = s_hat - s_{T-1} of the DMD roll-out from s_h.
 
     What the hybrid feeds its tail, minus what the network feeds it, computed from trajectories
-    alone. Shape: train_states [B, T, W], val_states [B', T, W] -> (target, error), each [B', out].
+    alone. ``fitter``: as for :func:`drop_scores`.
+    Shape: train_states [B, T, W], val_states [B', T, W] -> (target, error), each [B', out].
     """
     h = check_int(h, "h", low=0)
     tikhonov = check_float(tikhonov, "tikhonov", low=0.0)
     train, val = _check_states(train_states, val_states, h)
     n_steps, width = train.shape[1] - 1 - h, train.shape[2]
     out = width if out_width is None else check_int(out_width, "out_width", low=1, high=width)
-    observable, dmd = _fit(train, h, constant, tikhonov, rank)
+    observable, dmd = (fitter or _fit)(train, h, constant, tikhonov, rank)
     step = dmd.transition(n_steps, observable.readout(width))[:out]  # [out, D]
     target = val[:, -1, :out]  # [B', out]
     return target, observable.transform(val)[:, 0] @ step.T - target  # [B', out] each
@@ -227,13 +233,14 @@ def sweep_fits(config=None) -> list[dict]:
 
 
 def flip_score(train_states, val_states, h: int, tail: torch.nn.Module, *, fits=None,
-               out_width: int | None = None) -> dict[str, float]:
+               out_width: int | None = None, fitter=None) -> dict[str, float]:
     """Predicted share of held-out decisions the hybrid of delay h changes, best of ``fits``.
 
     For each fit: :func:`rollout_errors` on val, then :func:`first_order_flips` of the tail (the
     rest of the scaled network after s_{T-1}). ``fits``: dicts of rank, constant and tikhonov
     (default :func:`sweep_fits`); a fit the data cannot support (a rank too large) is skipped,
-    as the sweep skips it. Returns ``flip`` and ``flip_margin``, each the minimum over the fits.
+    as the sweep skips it; ``fitter``: as for :func:`drop_scores`. Returns ``flip`` and
+    ``flip_margin``, each the minimum over the fits.
     Shape: train_states [B, T, W], val_states [B', T, W].
     """
     train = as_tensor(train_states, "train_states", ndim=3)
@@ -244,7 +251,8 @@ def flip_score(train_states, val_states, h: int, tail: torch.nn.Module, *, fits=
         if isinstance(rank, int) and not isinstance(rank, bool) and rank > min(n_pairs,
                                                                                n_features):
             continue
-        target, error = rollout_errors(train_states, val_states, h, out_width=out_width, **fit)
+        target, error = rollout_errors(train_states, val_states, h, out_width=out_width,
+                                       fitter=fitter, **fit)
         scores.append(first_order_flips(tail, target, error))
     if not scores:
         raise ValueError(f"no fit of h={h} is possible: every rank in fits exceeds the data's "
