@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from koopnet.lab.frontier import has_linear_step
+
 
 def _axes(ax, figsize=(4.5, 4.5)):
     if ax is None:
@@ -186,7 +188,7 @@ def plot_accuracy_vs_linear_steps(comparison: list[dict], baselines: list[dict] 
     layers = sorted({r["layer"] for r in comparison})
     fig, axes = _grid(axes, 1, len(layers), panel=(4.6, 4.0))
     for ax, layer in zip(axes[0], layers, strict=True):
-        rows = [r for r in comparison if r["layer"] == layer and r["linear_steps"] >= 1]
+        rows = [r for r in comparison if r["layer"] == layer and has_linear_step(r)]
         for name in dict.fromkeys(r["observable"] for r in rows):
             steps = sorted({r["linear_steps"] for r in rows if r["observable"] == name})
             stats = [_mean_sd([100 * r[metric] for r in rows if r["observable"] == name

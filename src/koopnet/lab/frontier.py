@@ -19,6 +19,12 @@ def _choose(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_accuracy"], -r.get("replacement_parameters", 0)))
 
 
+def has_linear_step(row: dict) -> bool:
+    """False for a row whose learned encoder costs as many blocks as it rolls out: it claims
+    no linear step, so frontiers and figures leave it out."""
+    return row["linear_steps"] >= 1
+
+
 def frontier(rows: list[dict], originals: dict, tolerance: float = TOLERANCE) -> list[dict]:
     """One entry per (layer, linear steps): methods chosen, mean test accuracy, drop, within.
 
@@ -27,8 +33,8 @@ def frontier(rows: list[dict], originals: dict, tolerance: float = TOLERANCE) ->
     linear step (a learned encoder that costs the whole roll-out) are left out.
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:  # a learned encoder costing the whole roll-out leaves no linear step
-        if row["linear_steps"] >= 1:
+    for row in rows:
+        if has_linear_step(row):
             groups[(row["layer"], row["linear_steps"], row.get("seed"))].append(row)
     chosen: dict[tuple, list[dict]] = defaultdict(list)
     for (layer, steps, _), group in groups.items():
