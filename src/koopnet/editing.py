@@ -259,11 +259,16 @@ def _lifted(hybrid, X: torch.Tensor) -> torch.Tensor:
 def _logits(hybrid, lifted: torch.Tensor, linear_map: torch.Tensor,
             offset: torch.Tensor | None = None) -> torch.Tensor:
     """The tail's logits of p = linear_map g (+ offset). Shape: lifted [n, D] -> [n, C]."""
+    predicted = lifted @ linear_map.T  # [n, w']
+    if offset is not None:
+        predicted += offset
+    return _tail_logits(hybrid, predicted)
+
+
+def _tail_logits(hybrid, predicted: torch.Tensor) -> torch.Tensor:
+    """The tail's logits of a predicted state p, float64 on the CPU. Shape: [n, w'] -> [n, C]."""
     parameter = next(hybrid.tail.parameters())  # the tail runs where it lives
     with torch.no_grad():
-        predicted = lifted @ linear_map.T  # [n, w']
-        if offset is not None:
-            predicted += offset
         return hybrid.tail(predicted.to(parameter.device, parameter.dtype)).to(**_F64)
 
 

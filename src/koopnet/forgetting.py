@@ -45,7 +45,15 @@ import torch
 from torch import nn
 
 from koopnet._checks import as_tensor, check_choice, check_float, check_int
-from koopnet.editing import _F64, _buffers, _labels, _lifted, _logits, _with_buffers
+from koopnet.editing import (
+    _F64,
+    _buffers,
+    _labels,
+    _lifted,
+    _logits,
+    _tail_logits,
+    _with_buffers,
+)
 from koopnet.hybrid import KoopmanHybrid
 
 __all__ = ["METHODS", "forget_class"]
@@ -182,7 +190,7 @@ def _reassign(hybrid, lifted: torch.Tensor, y: torch.Tensor, c: int, linear_map:
     weighted, centred ridge least-squares fit of the targets on g, re-weighted
     (:func:`_reweigh`) by what the whole edit predicts, ``rounds`` fits in all."""
     predicted = lifted @ linear_map.T  # [n, w']
-    logits = _logits(hybrid, lifted, linear_map)
+    logits = _tail_logits(hybrid, predicted)
     share_of = _shares if finish == "match" else _runner_up_shares
     shares = share_of(logits, y, c)
     targets = predicted.clone()
