@@ -450,7 +450,7 @@ def mnist_rows(args) -> list[dict]:
             if not path.exists():
                 if run is None:
                     run, data = mnist_experiment(seed, args.data_dir, cache)
-                path.write_text(json.dumps(run_seed(seed, c, data, run)))
+                atomic_write_text(path, json.dumps(run_seed(seed, c, data, run)))
             rows += json.loads(path.read_text())
     return rows
 

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from koopnet.io.artifacts import atomic_write_text
 from koopnet.io.serialize import load_scaled, save_scaled
 from koopnet.lab import predict
 from koopnet.lab.protocols import load_protocol_data, run_experiment
@@ -134,7 +135,7 @@ def run_seed(seed: int, study: StudyConfig, delays: dict, quick: bool,
     run = {"seed": seed, "original": original, "rows": rows}
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(run))
+        atomic_write_text(saved, json.dumps(run))
     return run
 
 

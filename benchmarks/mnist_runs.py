@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import statistics
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from koopnet.io.artifacts import atomic_write_bytes
 from koopnet.lab import protocols
 from koopnet.lab.recipes import default_config
 from koopnet.trajectories import collect_trajectories
@@ -32,6 +34,13 @@ from koopnet.trajectories import collect_trajectories
 CACHE = Path("/tmp/mnist_runs")
 #: changes to the recipe's sweep grid (stated in every MNIST result file; empty: the recipe's)
 SWEEP: dict = {}
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save that leaves the cache file whole or absent (a rerun resumes from it)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def config_for(seed: int, data_dir: str | None):
@@ -54,7 +63,7 @@ def networks(config, data, cache: Path) -> dict:
         timings[f"scaling_layer{layer}"] = time.perf_counter() - clock
     nets = {"model": model.eval(), "scaled": scaled, "timings_s": timings}
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(nets, path)
+    save_atomic(nets, path)
     print(f"seed {config.seed}: networks {timings}", flush=True)
     return nets
 
@@ -96,7 +105,7 @@ def sweep(config, data, nets: dict, cache: Path) -> dict:
                         "test_accuracy": _accuracy(model, data.test.X, data.test.y)},
            "rows": rows, "cells": cells, "selected": cells[key], "hybrid": best[key][1],
            "timings_s": timings}
-    torch.save(out, path)
+    save_atomic(out, path)
     return out
 
 

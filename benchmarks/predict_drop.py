@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from koopnet.dmd import DMD
+from koopnet.io.artifacts import atomic_write_text
 from koopnet.lab import predict, protocols
 from koopnet.lab.predict import (
     BUILTIN_CALIBRATIONS,
@@ -149,7 +150,7 @@ def run_seed_mnist(seed: int, data_dir: str, cache: Path) -> list[dict]:
                                         sweep["original"]["val_accuracy"], fitter))
         print(f"seed {seed}: layer {layer} scored in {time.perf_counter() - clock:.0f} s",
               flush=True)
-    path.write_text(json.dumps(cells))
+    atomic_write_text(path, json.dumps(cells))
     return cells
 
 
